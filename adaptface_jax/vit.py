@@ -1,0 +1,252 @@
+"""Flax ports of the DINOv2 and CLIP vision transformers, numerically faithful to HuggingFace transformers.
+
+One module serves both families; the differences (LayerScale, pre-norm, activation, final norm, pooling) are
+fields of `ViTConfig`, which is read from the checkpoint's own `config.json` (see `ViTConfig.from_hf`).
+q, k and v are one fused `qkv` Dense (one matmul); the loader fuses HF's separate projections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptface_jax.lora import QKV_SLICES, AdaptedDense, AdapterSpec
+
+FAMILIES = ("dinov2", "clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  family: str  # "dinov2" or "clip"
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  pretrain_image_size: int  # position embeddings are stored for this input size
+  layer_norm_eps: float
+  activation: str  # "gelu" (exact, erf) or "quick_gelu"
+  layerscale_init: float | None = None  # DINOv2 LayerScale; None = no LayerScale
+  qkv_bias: bool = True
+  projection_dim: int | None = None  # CLIP visual_projection (no bias); None = absent
+
+  @property
+  def pos_grid(self) -> int:
+    return self.pretrain_image_size // self.patch_size
+
+  @classmethod
+  def from_hf(cls, hf: dict) -> "ViTConfig":
+    """Architecture numbers from a HuggingFace `config.json` dict (Dinov2Model, CLIPVisionModel or CLIPModel)."""
+    model_type = hf.get("model_type")
+    hf = _with_defaults(hf)
+    projection_dim = None  # only a full CLIPModel carries visual_projection weights
+    if model_type == "clip":  # the vision tower's config is nested
+      projection_dim = hf.get("projection_dim", 512)
+      hf = dict(hf.get("vision_config") or {})
+      model_type = "clip_vision_model"
+    try:
+      if model_type == "dinov2":
+        if hf.get("use_swiglu_ffn", False):
+          raise ValueError("DINOv2 with SwiGLU FFN (giant models) is not supported; use ViT-S/B/L checkpoints")
+        hidden = hf["hidden_size"]
+        return cls(
+            family="dinov2", hidden_size=hidden, num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            # HF DINOv2 sizes its MLP by mlp_ratio and ignores intermediate_size.
+            mlp_dim=int(hidden * hf.get("mlp_ratio", 4)), patch_size=hf["patch_size"],
+            pretrain_image_size=hf["image_size"], layer_norm_eps=hf.get("layer_norm_eps", 1e-6),
+            activation=_activation(hf.get("hidden_act", "gelu")),
+            layerscale_init=hf.get("layerscale_value", 1.0), qkv_bias=hf.get("qkv_bias", True))
+      if model_type == "clip_vision_model":
+        return cls(
+            family="clip", hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"], patch_size=hf["patch_size"],
+            pretrain_image_size=hf["image_size"], layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+            activation=_activation(hf.get("hidden_act", "quick_gelu")), projection_dim=projection_dim)
+    except KeyError as e:
+      raise ValueError(f"config.json of model_type {model_type!r} lacks the field {e.args[0]!r}") from None
+    raise ValueError(f"unsupported model_type {model_type!r}: this port reads 'dinov2', 'clip' and "
+                     "'clip_vision_model' checkpoints")
+
+
+def _with_defaults(hf: dict) -> dict:
+  """Fills the fields a saved config.json may omit with transformers' own defaults for that model_type."""
+  from transformers import CONFIG_MAPPING  # lazy: transformers is heavy and only needed here
+
+  model_type = hf.get("model_type")
+  if model_type not in ("dinov2", "clip", "clip_vision_model"):
+    return hf
+  fields = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version", "architectures")}
+  return CONFIG_MAPPING[model_type](**fields).to_dict()
+
+
+def _activation(name: str) -> str:
+  if name not in ("gelu", "quick_gelu"):
+    raise ValueError(f"unsupported hidden_act {name!r}; supported: 'gelu' (exact) and 'quick_gelu'")
+  return name
+
+
+def _act(name: str, x):
+  if name == "gelu":
+    return jax.nn.gelu(x, approximate=False)
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+@functools.lru_cache(maxsize=None)
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] weights of torch's `interpolate(mode='bicubic', align_corners=False)` along one axis.
+
+  HF interpolates position embeddings with exactly this; building the matrix on the host from the static
+  sizes reproduces it to float rounding and costs two small matmuls on device.
+  """
+  a = -0.75  # torch's cubic convolution coefficient
+
+  def cubic(t):
+    t = abs(t)
+    if t <= 1:
+      return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+      return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return 0.0
+
+  weights = np.zeros((out_size, in_size), np.float64)
+  scale = in_size / out_size
+  for i in range(out_size):
+    src = scale * (i + 0.5) - 0.5
+    base = int(np.floor(src))
+    frac = src - base
+    for offset in range(-1, 3):
+      weights[i, min(max(base + offset, 0), in_size - 1)] += cubic(offset - frac)
+  return weights.astype(np.float32)
+
+
+class Block(nn.Module):
+  config: ViTConfig
+  spec: AdapterSpec | None
+  dtype: Any
+
+  def setup(self):
+    c, spec = self.config, self.spec
+    targets = spec.targets if spec is not None else ()
+
+    def dense(features, name, use_bias=True):
+      if name == "qkv":
+        slices = (None,) if "qkv" in targets else tuple(s for s in QKV_SLICES if s in targets)
+      else:
+        slices = (None,) if name in targets else ()
+      return AdaptedDense(features, use_bias=use_bias, spec=spec, adapted_slices=slices, dtype=self.dtype,
+                          name=name)
+
+    norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32)
+    self.norm1, self.norm2 = norm(name="norm1"), norm(name="norm2")
+    self.qkv = dense(3 * c.hidden_size, "qkv", use_bias=c.qkv_bias)
+    self.proj = dense(c.hidden_size, "proj")
+    self.fc1 = dense(c.mlp_dim, "fc1")
+    self.fc2 = dense(c.hidden_size, "fc2")
+    if c.layerscale_init is not None:
+      init = nn.initializers.constant(c.layerscale_init)
+      self.ls1 = self.param("ls1", init, (c.hidden_size,), jnp.float32)
+      self.ls2 = self.param("ls2", init, (c.hidden_size,), jnp.float32)
+
+  def __call__(self, x, domain_weights, adapters_enabled, deterministic):
+    c = self.config
+    kw = dict(adapters_enabled=adapters_enabled, deterministic=deterministic)
+    batch, tokens, _ = x.shape
+    head_dim = c.hidden_size // c.num_heads
+
+    qkv = self.qkv(self.norm1(x), domain_weights, **kw)
+    q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, c.num_heads, head_dim), 3, axis=2)
+    q, k, v = (t[:, :, 0] for t in (q, k, v))  # [B, T, H, d]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, tokens, c.hidden_size)
+    attn = self.proj(attn, domain_weights, **kw)
+    if c.layerscale_init is not None:
+      attn = attn * self.ls1.astype(self.dtype)
+    x = x + attn
+
+    hidden = _act(c.activation, self.fc1(self.norm2(x), domain_weights, **kw))
+    mlp = self.fc2(hidden, domain_weights, **kw)
+    if c.layerscale_init is not None:
+      mlp = mlp * self.ls2.astype(self.dtype)
+    return x + mlp
+
+
+class ViT(nn.Module):
+  """Vision transformer encoder. Input: NHWC float images, already normalised; H and W multiples of the patch."""
+  config: ViTConfig
+  spec: AdapterSpec | None = None
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    p, d = c.patch_size, c.hidden_size
+    # Patch embedding as a matmul over flattened patches, kernel laid out like a Conv (p, p, 3, D).
+    self.patch_kernel = self.param("patch_kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=-1),
+                                   (p, p, 3, d), jnp.float32)
+    if c.family == "dinov2":
+      self.patch_bias = self.param("patch_bias", nn.initializers.zeros, (d,), jnp.float32)
+    self.cls = self.param("cls", nn.initializers.normal(0.02), (d,), jnp.float32)
+    self.pos = self.param("pos", nn.initializers.normal(0.02), (1 + c.pos_grid ** 2, d), jnp.float32)
+    norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32)
+    if c.family == "clip":
+      self.pre_norm = norm(name="pre_norm")
+    self.final_norm = norm(name="final_norm")  # DINOv2 `layernorm`; CLIP `post_layernorm` on the pooled CLS
+    self.blocks = [Block(c, self.spec, self.dtype, name=f"blocks_{i}") for i in range(c.num_layers)]
+    if c.projection_dim:
+      self.projection = self.param("projection", nn.initializers.lecun_normal(), (d, c.projection_dim), jnp.float32)
+
+  def patch_embed(self, images):
+    """[B, H, W, 3] -> [B, N, D] patch embeddings (no CLS, no position)."""
+    c = self.config
+    batch, height, width, channels = images.shape
+    p = c.patch_size
+    if height % p or width % p:
+      raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}; resize the "
+                       f"input to e.g. {max(1, round(height / p)) * p}x{max(1, round(width / p)) * p}")
+    if channels != 3:
+      raise ValueError(f"expected RGB images [B, H, W, 3], got shape {images.shape}")
+    patches = images.astype(self.dtype).reshape(batch, height // p, p, width // p, p, 3)
+    tokens = jnp.einsum("bhpwqc,pqcd->bhwd", patches, self.patch_kernel.astype(self.dtype))
+    if c.family == "dinov2":
+      tokens = tokens + self.patch_bias.astype(self.dtype)
+    return tokens.reshape(batch, -1, c.hidden_size)
+
+  def position_embeddings(self, grid_h: int, grid_w: int):
+    c = self.config
+    if (grid_h, grid_w) == (c.pos_grid, c.pos_grid):
+      return self.pos
+    grid = self.pos[1:].reshape(c.pos_grid, c.pos_grid, c.hidden_size)
+    wh = jnp.asarray(bicubic_matrix(c.pos_grid, grid_h))
+    ww = jnp.asarray(bicubic_matrix(c.pos_grid, grid_w))
+    resized = jnp.einsum("ih,hwd,jw->ijd", wh, grid, ww, precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([self.pos[:1], resized.reshape(grid_h * grid_w, c.hidden_size)], axis=0)
+
+  def __call__(self, images, domain_weights=None, *, adapters_enabled=True, deterministic=True):
+    """Returns dict(last_hidden_state [B, 1+N, D], pooler_output [B, D], and image_embeds when projected)."""
+    c = self.config
+    tokens = self.patch_embed(images)
+    batch = tokens.shape[0]
+    grid_h, grid_w = images.shape[1] // c.patch_size, images.shape[2] // c.patch_size
+    cls = jnp.broadcast_to(self.cls.astype(self.dtype), (batch, 1, c.hidden_size))
+    x = jnp.concatenate([cls, tokens], axis=1) + self.position_embeddings(grid_h, grid_w).astype(self.dtype)
+    if c.family == "clip":
+      x = self.pre_norm(x)
+    for block in self.blocks:
+      x = block(x, domain_weights, adapters_enabled, deterministic)
+    if c.family == "dinov2":
+      last = self.final_norm(x)
+      pooled = last[:, 0]
+    else:
+      last = x
+      pooled = self.final_norm(x[:, 0])
+    out = {"last_hidden_state": last, "pooler_output": pooled}
+    if c.projection_dim:
+      out["image_embeds"] = pooled @ self.projection.astype(self.dtype)
+    return out
