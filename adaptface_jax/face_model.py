@@ -1,0 +1,138 @@
+"""The face model: (DA-)LoRA-adapted ViT backbone + domain router + embedding head.
+
+Variable tree (the API; `inspect` prints it):
+  params/backbone/...   pretrained ViT weights (frozen by the default rules)
+  params/router/...     domain classifier (DA-LoRA with learned routing)
+  params/head/...       embedding projection d -> embedding_dim
+  lora/backbone/...     the adapter deltas, mirroring the paths of the layers they adapt
+The margin-loss class centres live beside it as margin/centers (see `train.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from adaptface_jax import hf_weights, losses
+from adaptface_jax.lora import AdapterSpec
+from adaptface_jax.preprocess import preprocess
+from adaptface_jax.vit import ViT, ViTConfig
+
+ROUTER_MODES = ("learned", "uniform", "oracle")
+ROUTER_INPUTS = ("frozen_cls", "patch_mean")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Router(nn.Module):
+  """Global domain classifier: Linear d->hidden, ReLU, Dropout, Linear hidden->K (logits)."""
+  num_domains: int
+  hidden: int = 256
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, feature, *, deterministic=True):
+    x = nn.relu(nn.Dense(self.hidden, name="fc1")(feature.astype(jnp.float32)))
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    return nn.Dense(self.num_domains, name="fc2")(x)
+
+
+class FaceModel(nn.Module):
+  vit: ViTConfig
+  spec: AdapterSpec | None
+  image_size: int
+  embedding_dim: int = 512
+  router_mode: str = "learned"
+  router_input: str = "frozen_cls"
+  router_hidden: int = 256
+  router_dropout: float = 0.1
+  use_projection: bool = False  # CLIP: take the 512-d visual_projection output as the feature
+  dtype: Any = jnp.float32
+
+  @property
+  def num_domains(self) -> int:
+    return self.spec.num_domains if self.spec is not None else 1
+
+  def setup(self):
+    if self.router_mode not in ROUTER_MODES:
+      raise ValueError(f"router mode {self.router_mode!r} not in {ROUTER_MODES}")
+    if self.router_input not in ROUTER_INPUTS:
+      raise ValueError(f"router input {self.router_input!r} not in {ROUTER_INPUTS}")
+    if self.use_projection and not self.vit.projection_dim:
+      raise ValueError("use_projection needs a CLIP checkpoint with visual_projection (a full CLIPModel)")
+    self.backbone = ViT(self.vit, spec=self.spec, dtype=self.dtype)
+    if self.num_domains > 1 and self.router_mode == "learned":
+      self.router = Router(self.num_domains, self.router_hidden, self.router_dropout)
+    self.head = nn.Dense(self.embedding_dim, name="head")
+
+  def route(self, images, domain_labels, deterministic):
+    """Per-image domain logits (or None) and mixing weights [B, K] (None for plain LoRA)."""
+    k = self.num_domains
+    if k == 1:
+      return None, None
+    batch = images.shape[0]
+    if self.router_mode == "uniform":
+      return None, jnp.full((batch, k), 1.0 / k, jnp.float32)
+    if self.router_mode == "oracle":
+      if domain_labels is None:
+        raise ValueError("router mode 'oracle' needs domain labels with the batch")
+      # Images without a label (-1) get uniform weights.
+      one_hot = jax.nn.one_hot(domain_labels, k)
+      return None, jnp.where((domain_labels >= 0)[:, None], one_hot, 1.0 / k)
+    if self.router_input == "patch_mean":
+      feature = self.backbone.patch_embed(images).mean(axis=1)
+    else:
+      # A pass of the pretrained backbone without adapters: routing sees the frozen representation only.
+      feature = jax.lax.stop_gradient(self.backbone(images, adapters_enabled=False)["pooler_output"])
+    logits = self.router(feature, deterministic=deterministic).astype(jnp.float32)
+    return logits, jax.nn.softmax(logits, axis=-1)
+
+  def __call__(self, images, domain_labels=None, *, train: bool = False):
+    """images: [B, H, W, 3] uint8 faces (or floats in 0..1). Returns dict(embedding (unit norm), feature,
+    domain_logits, domain_weights)."""
+    x = preprocess(images, image_size=self.image_size, family=self.vit.family, dtype=self.dtype)
+    logits, weights = self.route(x, domain_labels, deterministic=not train)
+    out = self.backbone(x, weights, deterministic=not train)
+    feature = out["image_embeds"] if self.use_projection else out["pooler_output"]
+    embedding = self.head(feature.astype(jnp.float32))
+    embedding = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=-1, keepdims=True), 1e-12)
+    return {"embedding": embedding, "feature": feature.astype(jnp.float32), "domain_logits": logits,
+            "domain_weights": weights}
+
+
+def adapter_spec(config: ml_collections.ConfigDict) -> AdapterSpec | None:
+  a = config.adapter
+  if a.rank == 0:
+    return None
+  return AdapterSpec(rank=a.rank, alpha=float(a.alpha), num_domains=a.num_domains, targets=tuple(a.targets),
+                     rslora=a.rslora, init=a.init, dropout=a.dropout)
+
+
+def create_model(config: ml_collections.ConfigDict, vit_config: ViTConfig | None = None) -> FaceModel:
+  """The FaceModel a config describes; the architecture is read without loading any weights."""
+  m = config.model
+  if vit_config is None:
+    vit_config = ViTConfig.from_hf(hf_weights.read_architecture(m.backbone)[0])
+  if not m.use_projection:
+    vit_config = dataclasses.replace(vit_config, projection_dim=None)
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype {m.dtype!r} not in {sorted(DTYPES)}")
+  return FaceModel(vit=vit_config, spec=adapter_spec(config), image_size=m.image_size,
+                   embedding_dim=m.embedding_dim, router_mode=config.router.mode, router_input=config.router.input,
+                   router_hidden=config.router.hidden, router_dropout=config.router.dropout,
+                   use_projection=m.use_projection, dtype=DTYPES[m.dtype])
+
+
+def init_variables(model: FaceModel, rng, num_classes: int | None, *, input_size: int = 112) -> dict:
+  """Random variables of the whole tree: the model's collections (params, lora) and, when num_classes is given,
+  the margin-loss class centres (margin/centers). Wrap in jax.eval_shape for shapes only."""
+  model_rng, margin_rng = jax.random.split(rng)
+  images = jnp.zeros((1, input_size, input_size, 3), jnp.uint8)
+  tree = dict(model.init({"params": model_rng}, images, jnp.zeros((1,), jnp.int32)))
+  if num_classes:
+    tree["margin"] = {"centers": losses.init_class_centers(margin_rng, model.embedding_dim, num_classes)}
+  return tree

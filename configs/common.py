@@ -1,0 +1,144 @@
+"""Shared base of the experiment configs, and the argument grammar every config file accepts.
+
+`get_config(arg)` of each experiment file takes a comma-separated argument (big_vision style):
+  demo                  embedded synthetic faces, random-initialised backbone at 112 px, CPU-sized budget
+  tiny                  a 2-layer ViT of the same family (tests and smoke runs)
+  rank=8                LoRA rank (alpha follows: alpha = rank keeps scale 1, as in the recipe's r16/alpha16)
+  domains=4             DA-LoRA domains K (1 = plain LoRA)
+  domain_weight=0.05    weight of the per-image entropy domain loss
+  targets=q_v           LoRA targets, '_'-joined (qkv_proj, q_v, qkv_proj_fc1_fc2, ...)
+  routing=oracle        learned | uniform | oracle
+  router_input=patch_mean   frozen_cls | patch_mean
+  steps=200             total training steps (overrides the epoch budget)
+Everything else is a dotted override on the command line, e.g. --config.optim.lr=3e-4.
+"""
+
+import ml_collections
+
+BACKBONES = {"dino": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch16"}
+TINY_BACKBONES = {"dino": "tiny-dinov2", "clip": "tiny-clip"}
+STANDARD_BENCHMARKS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
+SYNTHETIC_BENCHMARKS = ("synth_lfw", "synth_cfp_fp", "synth_agedb")
+# Domains of DA-LoRA in the seed: general / pose / age (the synthetic world labels its images with these).
+DEFAULT_DOMAINS = 3
+
+
+def parse_arg(arg: str | None) -> dict:
+  known = {"demo", "tiny", "rank", "domains", "domain_weight", "targets", "routing", "router_input", "steps"}
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in known:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(known)}")
+    out[key] = value if value else True
+  return out
+
+
+def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
+  """The recipe of the original AdaptFace (recipe.md): CASIA-WebFace, CosFace s=64 m=0.35, AdamW 1e-4."""
+  c = ml_collections.ConfigDict()
+  c.experiment = f"{adapter}_{backbone}"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      backbone=BACKBONES[backbone],  # hub id, or a local snapshot directory (config.json + model.safetensors)
+      random_init=False,  # True: same architecture, random weights (never chosen implicitly)
+      image_size=224,  # faces are 112 px; resized on device (bicubic) as in the seed
+      embedding_dim=512,
+      use_projection=False,  # CLIP only: use the 512-d visual_projection output as the feature
+      dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  ))
+  c.adapter = ml_collections.ConfigDict(dict(
+      rank=16, alpha=16.0, num_domains=DEFAULT_DOMAINS if adapter == "dalora" else 1,
+      targets=("qkv", "proj"), rslora=False, init="kaiming_uniform", dropout=0.0))
+  c.router = ml_collections.ConfigDict(dict(mode="learned", input="frozen_cls", hidden=256, dropout=0.1))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      scale=64.0, m1=1.0, m2=0.0, m3=0.35,  # CosFace; ArcFace: m2=0.5, m3=0
+      entropy_weight=0.1,  # per-image routing entropy (the seed's domain loss)
+      balance_weight=0.1,  # keeps the batch-mean routing spread out (entropy alone collapses to one domain)
+      supervised_weight=0.0,  # cross-entropy on domain labels, when the data has them
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      train="casia_webface",  # a TFDS builder registered by adaptface_jax.data.tfds_builders
+      data_dir=None,  # TFDS data_dir (default: the cache directory)
+      manual_dir="~/data/faces_webface_112x112",  # where train.rec / train.idx are, for casia_webface
+      num_classes=10572,
+      batch_size=128,
+      shuffle_buffer=20_000,
+      flip=True,
+      randaugment=None,  # e.g. (2, 9) for RandAugment(num_layers, magnitude)
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      benchmarks=STANDARD_BENCHMARKS,
+      bin_dir="~/data/faces_webface_112x112",  # where lfw.bin, cfp_fp.bin, ... are
+      max_pairs=None,  # evaluate the first N pairs only (whole folds are kept in order)
+      batch_size=256,
+      every_steps=None,  # None: once per epoch
+      best_metric="lfw",  # the checkpoint kept as "best"
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-4, end_lr=1e-6, warmup_fraction=5 / 40, warmup_steps=None, weight_decay=0.05,
+      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=5.0, decay_1d=False))
+  c.num_epochs = 40
+  c.total_steps = None  # None: num_epochs over the training set
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+
+  # What trains: first matching regex wins; a leaf no rule matches is an error.
+  c.trainable = [
+      (r"^lora/", "train"),
+      (r"^params/(head|router)/", "train"),
+      (r"^margin/", "train"),
+      (r"^params/backbone/", "freeze"),
+  ]
+  return c
+
+
+def experiment(backbone: str, adapter: str, arg: str | None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg)
+  c = base_config(backbone, adapter)
+  if args.get("demo"):
+    apply_demo(c)
+  if args.get("tiny"):
+    c.model.backbone = TINY_BACKBONES[backbone]
+    c.model.random_init = True
+  if "rank" in args:
+    c.adapter.rank = int(args["rank"])
+    c.adapter.alpha = float(args["rank"])
+  if "domains" in args:
+    c.adapter.num_domains = int(args["domains"])
+  if "domain_weight" in args:
+    c.loss.entropy_weight = float(args["domain_weight"])
+  if "targets" in args:
+    c.adapter.targets = tuple(args["targets"].split("_"))
+  if "routing" in args:
+    c.router.mode = args["routing"]
+  if "router_input" in args:
+    c.router.input = args["router_input"]
+  if "steps" in args:
+    c.total_steps = int(args["steps"])
+  return c
+
+
+def apply_demo(c: ml_collections.ConfigDict) -> None:
+  """A run that trains and evaluates on a 2-core CPU in minutes, fully offline."""
+  c.model.random_init = True
+  c.model.image_size = 112
+  c.data.train = "synthetic_faces/demo"
+  c.data.manual_dir = None
+  c.data.num_classes = None  # read from the dataset
+  c.data.batch_size = 64
+  c.data.shuffle_buffer = 10_000
+  c.eval.benchmarks = SYNTHETIC_BENCHMARKS
+  c.eval.bin_dir = None  # the synthetic world's own directory
+  c.eval.max_pairs = 1200
+  c.eval.best_metric = "synth_lfw"
+  c.optim.lr = 1e-3
+  c.optim.end_lr = 1e-5
+  c.optim.warmup_fraction = 0.05
+  c.total_steps = 150
+  c.log_every = 10
+  c.checkpoint_every = 50
+  c.eval.every_steps = 150
