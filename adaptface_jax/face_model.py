@@ -92,16 +92,16 @@ class FaceModel(nn.Module):
     return logits, jax.nn.softmax(logits, axis=-1)
 
   def __call__(self, images, domain_labels=None, *, train: bool = False):
-    """images: [B, H, W, 3] uint8 faces (or floats in 0..1). Returns dict(embedding (unit norm), feature,
-    domain_logits, domain_weights)."""
+    """images: [B, H, W, 3] uint8 faces (or floats in 0..1). Returns dict(embedding (unit norm), embedding_raw,
+    feature (backbone output), domain_logits (learned routing only), domain_weights [B, K] (DA-LoRA only))."""
     x = preprocess(images, image_size=self.image_size, family=self.vit.family, dtype=self.dtype)
     logits, weights = self.route(x, domain_labels, deterministic=not train)
     out = self.backbone(x, weights, deterministic=not train)
     feature = out["image_embeds"] if self.use_projection else out["pooler_output"]
-    embedding = self.head(feature.astype(jnp.float32))
-    embedding = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=-1, keepdims=True), 1e-12)
-    return {"embedding": embedding, "feature": feature.astype(jnp.float32), "domain_logits": logits,
-            "domain_weights": weights}
+    raw = self.head(feature.astype(jnp.float32))
+    # The verification protocol sums raw embeddings of an image and its flip before normalising.
+    return {"embedding": losses.l2_normalize(raw), "embedding_raw": raw, "feature": feature.astype(jnp.float32),
+            "domain_logits": logits, "domain_weights": weights}
 
 
 def adapter_spec(config: ml_collections.ConfigDict) -> AdapterSpec | None:

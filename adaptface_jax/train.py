@@ -1,0 +1,230 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+State is a plain pytree {step, trainable, opt_state, rng}. The frozen subtree (pretrained backbone) is a separate,
+non-donated argument of the jitted step: `jax.value_and_grad` differentiates `trainable` alone, so no gradient and
+no optimizer state ever exist for frozen weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from adaptface_jax import checkpoints, face_model, hf_weights, losses, optim, partition
+from adaptface_jax.metrics_log import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  trainable: Any
+  opt_state: Any
+  rng: jnp.ndarray  # raw uint32 key, folded with the step: the same randomness however a run was interrupted
+
+
+def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_config):
+  """Margin loss + weighted domain losses. Returns (total, metrics)."""
+  variables = partition.merge(trainable, frozen)
+  margin = variables.pop("margin")
+  out = model.apply(variables, batch["image"], batch.get("domain"), train=True, rngs={"dropout": rng})
+  c = loss_config
+  margin_value, aux = losses.margin_loss(out["embedding"], margin["centers"], batch["label"], scale=c.scale,
+                                         m1=c.m1, m2=c.m2, m3=c.m3)
+  metrics = {"loss/margin": margin_value, "train_accuracy": aux["accuracy"]}
+  total = margin_value
+  if out["domain_weights"] is not None:
+    weights = out["domain_weights"]
+    if out["domain_logits"] is not None:
+      domain_total, terms = losses.domain_losses(
+          out["domain_logits"], weights, batch.get("domain"), entropy_weight=c.entropy_weight,
+          balance_weight=c.balance_weight, supervised_weight=c.supervised_weight)
+      total = total + domain_total
+      metrics.update({f"loss/domain_{k}": v for k, v in terms.items()})
+    mean_weights = weights.mean(axis=0)
+    metrics.update({f"routing/mean_w{k}": mean_weights[k] for k in range(weights.shape[-1])})
+    metrics["routing/max_w"] = weights.max(axis=-1).mean()
+  metrics["loss/total"] = total
+  return total, metrics
+
+
+def make_train_step(model, tx, schedule, loss_config):
+  def train_step(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.trainable, frozen, batch, rng, model=model, loss_config=loss_config)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["lr"] = schedule(state.step)
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+  return train_step
+
+
+def fingerprint(tree) -> str:
+  """sha256 of a tree's paths, shapes, dtypes and bytes: ties a checkpoint to the frozen weights it adapts."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(partition.flatten(jax.device_get(tree)).items()):
+    leaf = np.asarray(leaf)
+    digest.update(f"{path}:{leaf.shape}:{leaf.dtype};".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+class _StopOnSigterm:
+  """SIGTERM (a scheduler pre-empting the job) asks the loop to checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _data_source(config):
+  """(num_examples, num_classes) of the training set, failing early with what is missing and how to provide it."""
+  from adaptface_jax.data import pipeline  # TensorFlow is imported only when data is needed
+  info = pipeline.dataset_info(config.data.train, data_dir=config.data.data_dir,
+                               manual_dir=config.data.manual_dir)
+  num_classes = config.data.num_classes or info["num_classes"]
+  if config.data.num_classes and config.data.num_classes != info["num_classes"]:
+    raise ValueError(f"config.data.num_classes={config.data.num_classes} but {config.data.train} has "
+                     f"{info['num_classes']} identities; fix the config or the data")
+  return info["num_examples"], num_classes
+
+
+def total_steps(config, num_examples: int) -> int:
+  if config.total_steps:
+    return int(config.total_steps)
+  return int(config.num_epochs * num_examples // config.data.batch_size)
+
+
+def _mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _global_batch(local_batch: dict, sharding) -> dict:
+  """Per-process numpy batch -> one global array per key, sharded over the data axis of all devices."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
+  """Model, initial state, frozen tree and optimizer for a config (the backbone weights are loaded here)."""
+  backbone = hf_weights.load_backbone(config.model.backbone, random_init=config.model.random_init,
+                                      seed=config.seed)
+  model = face_model.create_model(config, backbone.config)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = jax.jit(lambda r: face_model.init_variables(model, r, num_classes))(init_rng)
+  variables["params"]["backbone"] = backbone.params
+  trainable, frozen = partition.split(variables, config.trainable)
+  tx, schedule = optim.make_optimizer(config.optim, steps)
+  state = TrainState(step=jnp.asarray(0, jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
+                     rng=state_rng)
+  return model, state, frozen, tx, schedule
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` when it holds checkpoints), evaluates periodically, returns final metrics."""
+  workdir = Path(workdir).expanduser()
+  num_examples, num_classes = _data_source(config)
+  steps = total_steps(config, num_examples)
+  model, state, frozen, tx, schedule = setup(config, num_classes, steps)
+  frozen_fingerprint = fingerprint(frozen)
+
+  manager = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                    best_metric=config.eval.best_metric)
+  restored = manager.restore_latest(state, expected_fingerprint=frozen_fingerprint)
+  if restored is not None:
+    state = restored
+    log.info("resumed from step %d", int(state.step))
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  mesh = _mesh()
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  state = jax.device_put(state, replicated)
+  frozen = jax.device_put(frozen, replicated)
+  step_fn = jax.jit(make_train_step(model, tx, schedule, config.loss), donate_argnums=0,
+                    in_shardings=(replicated, replicated, batch_sharding), out_shardings=(replicated, replicated))
+
+  from adaptface_jax.data import pipeline
+  start = int(state.step)
+  batches: Iterator[dict] = pipeline.train_iterator(
+      config.data.train, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
+      batch_size=config.data.batch_size, seed=config.seed, flip=config.data.flip,
+      randaugment=config.data.randaugment, shuffle_buffer=config.data.shuffle_buffer,
+      process_index=jax.process_index(), process_count=jax.process_count(), start_step=start)
+  eval_every = config.eval.every_steps or max(1, num_examples // config.data.batch_size)
+  evaluator = _make_evaluator(config, model, frozen, mesh)
+
+  metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  last_metrics: dict = {}
+  with _StopOnSigterm() as stop, metrics_log.progress(total=steps, initial=start) as bar:
+    window_start, window_images = time.perf_counter(), 0
+    for step in range(start, steps):
+      batch = _global_batch(next(batches), batch_sharding)
+      state, metrics = step_fn(state, frozen, batch)
+      window_images += config.data.batch_size
+      done = step + 1
+      if done % config.log_every == 0 or done == steps:
+        metrics = jax.device_get(metrics)
+        if not all(math.isfinite(float(v)) for v in metrics.values()):
+          bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
+          raise FloatingPointError(f"non-finite training metrics at step {done}: {bad}; the last good checkpoint "
+                                   f"in {manager.directory} is untouched (lower optim.lr or check the data)")
+        elapsed = time.perf_counter() - window_start
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["images_per_sec"] = window_images / max(elapsed, 1e-9)
+        metrics_log.write(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", img_s=f"{metrics['images_per_sec']:.1f}")
+        window_start, window_images = time.perf_counter(), 0
+        last_metrics.update(metrics)
+      bar.update(1)
+      results = None
+      if evaluator is not None and (done % eval_every == 0 or done == steps):
+        results = evaluator(state.trainable, workdir)
+        metrics_log.write(done, {f"eval/{name}": r["accuracy"] for name, r in results.items()})
+        last_metrics.update({f"eval/{name}": r["accuracy"] for name, r in results.items()})
+      if done % config.checkpoint_every == 0 or done == steps or results is not None or stop.requested.is_set():
+        manager.save(done, state, fingerprint=frozen_fingerprint,
+                     metrics={k: r["accuracy"] for k, r in results.items()} if results else None)
+      if stop.requested.is_set():
+        log.warning("SIGTERM: checkpoint saved at step %d, exiting", done)
+        break
+  manager.close()
+  metrics_log.close()
+  return last_metrics
+
+
+def _make_evaluator(config, model, frozen, mesh):
+  """Periodic verification on config.eval.benchmarks (None when none are configured)."""
+  if not config.eval.benchmarks:
+    return None
+  from adaptface_jax import evaluation
+  return evaluation.Evaluator(config, model, frozen, mesh)
