@@ -34,8 +34,11 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._last.latest_step()
 
-  def save(self, step: int, state, *, fingerprint: str, metrics: dict | None = None) -> None:
-    meta = {"step": int(step), "frozen_fingerprint": fingerprint, "metrics": metrics or {}}
+  def best_step(self) -> int | None:
+    return self._best.best_step() if self._best is not None else None
+
+  def save(self, step: int, state, *, fingerprint: str, metrics: dict | None = None, **extra) -> None:
+    meta = {"step": int(step), "frozen_fingerprint": fingerprint, "metrics": metrics or {}, **extra}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self._last.save(step, args=args)
     if self._best is not None and metrics and self.best_metric in metrics:

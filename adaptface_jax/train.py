@@ -212,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics_log.write(done, {f"eval/{name}": r["accuracy"] for name, r in results.items()})
         last_metrics.update({f"eval/{name}": r["accuracy"] for name, r in results.items()})
       if done % config.checkpoint_every == 0 or done == steps or results is not None or stop.requested.is_set():
-        manager.save(done, state, fingerprint=frozen_fingerprint,
+        manager.save(done, state, fingerprint=frozen_fingerprint, num_classes=num_classes, total_steps=steps,
                      metrics={k: r["accuracy"] for k, r in results.items()} if results else None)
       if stop.requested.is_set():
         log.warning("SIGTERM: checkpoint saved at step %d, exiting", done)
@@ -228,3 +228,20 @@ def _make_evaluator(config, model, frozen, mesh):
     return None
   from adaptface_jax import evaluation
   return evaluation.Evaluator(config, model, frozen, mesh)
+
+
+def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
+  """(config, model, variables, meta) of a finished or running training run, for evaluation and export."""
+  workdir = Path(workdir).expanduser()
+  if not (workdir / "config.json").exists():
+    raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  manager = checkpoints.Checkpoints(workdir / "checkpoints", best_metric=config.eval.best_metric)
+  step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
+  if step is None:
+    raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
+  meta = manager.read_meta(step, which)
+  model, state, frozen, _, _ = setup(config, meta["num_classes"], steps=max(int(meta.get("total_steps", 1)), 1))
+  state = manager.restore(state, step=step, which=which, expected_fingerprint=fingerprint(frozen))
+  manager.close()
+  return config, model, partition.merge(state.trainable, frozen), meta
