@@ -150,6 +150,7 @@ def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` when it holds checkpoints), evaluates periodically, returns final metrics."""
+  run_start = time.perf_counter()
   workdir = Path(workdir).expanduser()
   num_examples, num_classes = _data_source(config)
   steps = total_steps(config, num_examples)
@@ -219,7 +220,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   manager.close()
   metrics_log.close()
+  if int(jax.device_get(state.step)) == steps and jax.process_index() == 0:
+    _write_summary(workdir, config, state, frozen, steps, last_metrics, time.perf_counter() - run_start)
   return last_metrics
+
+
+def _write_summary(workdir, config, state, frozen, steps, metrics, wall_time):
+  """summary.json marks a finished run (the ablation runner skips those) and feeds the study report."""
+  count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+  summary = {"experiment": config.get("experiment", ""), "steps": steps, "batch_size": config.data.batch_size,
+             "wall_time_s_last_session": wall_time, "trainable_params": count(state.trainable),
+             "frozen_params": count(frozen), "final_metrics": metrics}
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _make_evaluator(config, model, frozen, mesh):
