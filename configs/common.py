@@ -142,3 +142,25 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.log_every = 10
   c.checkpoint_every = 50
   c.eval.every_steps = 150
+
+
+# The ablation matrix and the sweeps, declared once. A cell is (experiment file, config argument); with a base
+# argument such as `demo` it becomes e.g. `configs/dalora_dino.py:demo,rank=8`.
+MATRIX = [("lora_dino", ""), ("dalora_dino", ""), ("lora_clip", ""), ("dalora_clip", "")]
+SWEEPS = {
+    "matrix": MATRIX,
+    "rank": [("lora_dino", f"rank={r}") for r in (2, 4, 8, 16, 32)],
+    "domains": [("dalora_dino", f"domains={k}") for k in (2, 3, 4, 5)],
+    "domain_weight": [("dalora_dino", f"domain_weight={w}") for w in (0.01, 0.05, 0.1, 0.5)],
+    "targets": [("lora_dino", "targets=qkv_proj"), ("lora_dino", "targets=q_v")],
+    "routing": [("dalora_dino", f"routing={m}") for m in ("learned", "uniform", "oracle")],
+    "router_input": [("dalora_dino", f"router_input={i}") for i in ("frozen_cls", "patch_mean")],
+}
+# The synthetic study: the 2x2 matrix plus the rank and K sweeps; rank=16 and domains=3 are the defaults, i.e.
+# the matrix's own lora_dino and dalora_dino cells, and are not run twice.
+SWEEPS["study"] = MATRIX + [cell for cell in SWEEPS["rank"] + SWEEPS["domains"]
+                            if cell not in (("lora_dino", "rank=16"), ("dalora_dino", "domains=3"))]
+
+
+def cell_name(experiment: str, arg: str) -> str:
+  return experiment + ("-" + arg.replace("=", "").replace(",", "-") if arg else "")
