@@ -82,10 +82,23 @@ def _load_benchmark(path: Path, max_pairs: int | None):
   meta_path = path.with_suffix(".meta.npz")
   if meta_path.exists():  # the synthetic world ships ground-truth domains (used by oracle routing)
     domains = np.load(meta_path)["domain"]
-  if max_pairs:
-    images, issame = images[:2 * max_pairs], issame[:max_pairs]
-    domains = None if domains is None else domains[:2 * max_pairs]
+  if max_pairs and max_pairs < len(issame):
+    pairs = balanced_subset(issame, max_pairs)
+    sides = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+    images, issame = images[sides], issame[pairs]
+    domains = None if domains is None else domains[sides]
   return images, issame, domains
+
+
+def balanced_subset(issame: np.ndarray, max_pairs: int, num_folds: int = 10) -> np.ndarray:
+  """Indices of about max_pairs pairs, in file order: from each of the contiguous folds, its first same and its
+  first different pairs in equal numbers, so that the subset keeps the folds and the same/different balance."""
+  per_class = max(1, max_pairs // (2 * num_folds))
+  picked = []
+  for fold in np.array_split(np.arange(len(issame)), num_folds):
+    same, different = fold[issame[fold]], fold[~issame[fold]]
+    picked += [same[:per_class], different[:per_class]]
+  return np.sort(np.concatenate(picked))
 
 
 class Evaluator:
@@ -109,7 +122,7 @@ class Evaluator:
     for name, (images, issame, domains) in self.benchmarks.items():
       emb, emb_flip, weights = extract(self.embed_fn, variables, images, batch_size=self.config.eval.batch_size,
                                        domains=domains, mesh=self.mesh, desc=name)
-      result = verification.evaluate_pairs(emb, issame, embeddings_flip=emb_flip)
+      result = verification.evaluate_pairs(emb, issame, embeddings_flip=emb_flip, name=name)
       if weights.shape[-1]:
         result["domain_weights"] = {"all": weights.mean(0).tolist(), "a": weights[0::2].mean(0).tolist(),
                                     "b": weights[1::2].mean(0).tolist()}

@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from adaptface_jax import train
@@ -26,7 +27,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  logging.getLogger().setLevel(logging.INFO)
+  # Our progress at INFO; library chatter (orbax, absl) only from WARNING up.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("adaptface_jax").setLevel(logging.INFO)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -72,7 +72,7 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       benchmarks=STANDARD_BENCHMARKS,
       bin_dir="~/data/faces_webface_112x112",  # where lfw.bin, cfp_fp.bin, ... are
-      max_pairs=None,  # evaluate the first N pairs only (whole folds are kept in order)
+      max_pairs=0,  # > 0: evaluate a subset of N pairs (see evaluation.py); 0: all pairs
       batch_size=256,
       every_steps=None,  # None: once per epoch
       best_metric="lfw",  # the checkpoint kept as "best"
