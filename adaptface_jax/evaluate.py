@@ -1,6 +1,12 @@
 """Face-verification evaluation from the command line.
 
+  python -m adaptface_jax.evaluate --workdir DIR [--step N | --best] [--benchmarks lfw,cfp_fp] [--bin_dir PATH]
+  python -m adaptface_jax.evaluate --config configs/lora_dino.py [--init HUB_ID_OR_SNAPSHOT] [--out_dir DIR]
   python -m adaptface_jax.evaluate --embeddings pairs.npz [--name lfw] [--json] [--out_dir DIR]
+
+--workdir evaluates a training run's checkpoint (latest by default) and writes the result files into the workdir.
+--config (no training) evaluates the un-tuned backbone's own feature (the pooled output, no head, no adapters):
+the "no fine-tuning" baseline row; --init replaces the config's backbone source.
 
 The .npz holds `embeddings` [2P, D] (raw, rows in pair order a0, b0, a1, b1, ...), `issame` [P] (bool or 0/1) and
 optionally `embeddings_flip` [2P, D] (raw embeddings of the horizontally flipped images, same order). The
@@ -19,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from ml_collections import config_flags
+
 from adaptface_jax import verification
 
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "An .npz with embeddings [2P, D], issame [P] and optionally "
@@ -26,6 +34,14 @@ _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "An .npz with embeddings [
 _NAME = flags.DEFINE_string("name", None, "Benchmark name for --embeddings (default: the file's stem).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per benchmark (a line each) instead of the table.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Also write results.json, results.md and roc.png here.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: evaluate its checkpoint.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BEST = flags.DEFINE_bool("best", False, "Evaluate the best checkpoint (by config.eval.best_metric).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: evaluate its un-tuned backbone.")
+_INIT = flags.DEFINE_string("init", None, "With --config: backbone hub id or snapshot directory to evaluate.")
+_BENCHMARKS = flags.DEFINE_list("benchmarks", None, "Benchmarks (default: the config's eval.benchmarks).")
+_BIN_DIR = flags.DEFINE_string("bin_dir", None, "Folder of the .bin files (default: the config's eval.bin_dir).")
+_MAX_PAIRS = flags.DEFINE_integer("max_pairs", None, "Evaluate a balanced subset of this many pairs.")
 
 # Printed per benchmark with --json (the full result, ROC curve included, goes to results.json via --out_dir).
 JSON_FIELDS = ("num_pairs", "accuracy", "accuracy_std", "accuracy_noflip", "val_at_far_1e-3", "val_std", "far",
@@ -95,14 +111,49 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # One mode per source of embeddings; each returns {benchmark: result}.
-  if _EMBEDDINGS.value:
-    try:
+  out_dir = _OUT_DIR.value
+  try:
+    if _EMBEDDINGS.value:
       results = evaluate_embeddings_file(_EMBEDDINGS.value, _NAME.value)
-    except (ValueError, FileNotFoundError) as error:
-      sys.exit(f"error: {error}")
-  else:
-    raise app.UsageError("nothing to evaluate: give --embeddings FILE.npz")
-  report(results, as_json=_JSON.value, out_dir=_OUT_DIR.value)
+    elif _WORKDIR.value:
+      results = evaluate_run(_WORKDIR.value, step=_STEP.value, which="best" if _BEST.value else "last")
+      out_dir = out_dir or _WORKDIR.value
+    elif _CONFIG.value is not None:
+      results = evaluate_untuned(_CONFIG.value, _INIT.value)
+    else:
+      raise app.UsageError("nothing to evaluate: give --workdir DIR, --config FILE or --embeddings FILE.npz")
+  except (ValueError, FileNotFoundError, RuntimeError) as error:
+    sys.exit(f"error: {error}")
+  report(results, as_json=_JSON.value, out_dir=out_dir)
+
+
+def _override_eval(config) -> None:
+  with config.unlocked():
+    if _BENCHMARKS.value:
+      config.eval.benchmarks = tuple(_BENCHMARKS.value)
+    if _BIN_DIR.value:
+      config.eval.bin_dir = _BIN_DIR.value
+    if _MAX_PAIRS.value is not None:
+      config.eval.max_pairs = _MAX_PAIRS.value
+
+
+def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last") -> dict[str, dict]:
+  from adaptface_jax import evaluation, partition, train
+  config, model, variables, meta = train.load_run(workdir, step=step, which=which)
+  _override_eval(config)
+  trainable, frozen = partition.split(variables, config.trainable)
+  print(f"evaluating {workdir} at step {meta['step']}", file=sys.stderr)
+  return evaluation.Evaluator(config, model, frozen)(trainable)
+
+
+def evaluate_untuned(config, init: str | None) -> dict[str, dict]:
+  from adaptface_jax import evaluation, partition, train
+  with config.unlocked():
+    if init:
+      config.model.backbone, config.model.random_init = init, False
+  _override_eval(config)
+  model, state, frozen, _, _ = train.setup(config, num_classes=None, steps=1)
+  return evaluation.Evaluator(config, model, frozen, output="feature")(state.trainable)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ from adaptface_jax import partition, verification
 log = logging.getLogger(__name__)
 
 
-def make_embed_fn(model):
-  """jit: uint8 images [B, H, W, 3] -> raw embeddings of the images and of their horizontal flips, and the
-  routing weights ([B, K], or [B, 0] for plain LoRA). Image and flip go through the model as one batch."""
+def make_embed_fn(model, output: str = "embedding_raw"):
+  """jit: uint8 images [B, H, W, 3] -> raw embeddings (`output`: the head's "embedding_raw", or the backbone's
+  "feature") of the images and of their horizontal flips, and the routing weights ([B, K], or [B, 0] for plain
+  LoRA). Image and flip go through the model as one batch."""
 
   def embed(variables, images, domains):
     both = jnp.concatenate([images, images[:, :, ::-1]], axis=0)
     out = model.apply(variables, both, jnp.concatenate([domains, domains]))
-    raw = out["embedding_raw"]
+    raw = out[output]
     batch = images.shape[0]
     weights = out["domain_weights"]
     weights = jnp.zeros((batch, 0)) if weights is None else weights[:batch]
@@ -104,9 +105,9 @@ def balanced_subset(issame: np.ndarray, max_pairs: int, num_folds: int = 10) -> 
 class Evaluator:
   """Verification on the configured benchmarks; images are decoded once and kept."""
 
-  def __init__(self, config, model, frozen, mesh: Mesh | None = None):
+  def __init__(self, config, model, frozen, mesh: Mesh | None = None, output: str = "embedding_raw"):
     self.config, self.frozen, self.mesh = config, frozen, mesh
-    self.embed_fn = make_embed_fn(model)
+    self.embed_fn = make_embed_fn(model, output)
     self.benchmarks = {name: _load_benchmark(path, config.eval.max_pairs)
                        for name, path in benchmark_paths(config).items()}
     self.domain_names = None
