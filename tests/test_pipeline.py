@@ -1,0 +1,195 @@
+"""TFDS builders (synthetic_faces, casia_webface, face_folder) and the tf.data training iterator."""
+
+import hashlib
+import itertools
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adaptface_jax.data import pipeline, recordio, synthetic, tfds_builders
+
+import tensorflow as tf  # noqa: E402  (after pipeline, which hides the GPUs first)
+import tensorflow_datasets as tfds  # noqa: E402
+
+TINY = "synthetic_faces/tiny"
+NUM_EXAMPLES, NUM_CLASSES = 16 * 8, 16
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tfds")
+  tfds.builder(TINY, data_dir=str(root)).download_and_prepare()
+  return str(root)
+
+
+def _batches(data_dir, count, **options):
+  options = {"batch_size": 16, "seed": 0, **options}
+  return list(itertools.islice(pipeline.train_iterator(TINY, data_dir=data_dir, **options), count))
+
+
+def _digest(image):
+  return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def test_tfds_load_by_name_keeps_the_original_bytes(data_dir):
+  dataset = tfds.load(TINY, data_dir=data_dir, split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  examples = list(dataset.as_numpy_iterator())
+  assert len(examples) == NUM_EXAMPLES
+  world = tfds_builders.synthetic_world_for(TINY, data_dir=data_dir)
+  record = recordio.InsightFaceRecord(world["train"])
+  original = {record.read(key)[0]: record.read(key)[1] for key in record.image_keys.tolist()}
+  assert {example["image"]: int(example["label"]) for example in examples} == original
+  assert {int(example["domain"]) for example in examples} <= {0, 1, 2}
+  decoded = next(iter(tfds.load(TINY, data_dir=data_dir, split="train").take(1)))
+  assert decoded["image"].shape == (112, 112, 3) and decoded["image"].dtype == tf.uint8
+  assert tfds.builder(TINY, data_dir=data_dir).info.metadata["num_classes"] == NUM_CLASSES
+  assert pipeline.dataset_info(TINY, data_dir=data_dir) == {"num_examples": NUM_EXAMPLES, "num_classes": NUM_CLASSES}
+  assert set(world["benchmarks"]) == set(synthetic.BENCHMARKS)
+  with pytest.raises(ValueError, match="not a synthetic_faces"):
+    tfds_builders.synthetic_world_for("casia_webface", data_dir=data_dir)
+
+
+def test_batches_have_the_promised_shapes_and_types(data_dir):
+  batch = _batches(data_dir, 1)[0]
+  assert set(batch) == {"image", "label", "domain"}
+  assert batch["image"].shape == (16, 112, 112, 3) and batch["image"].dtype == np.uint8
+  assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
+  assert batch["domain"].shape == (16,) and batch["domain"].dtype == np.int32
+  assert batch["label"].min() >= 0 and batch["label"].max() < NUM_CLASSES
+
+
+def test_every_epoch_is_a_new_permutation_of_the_data(data_dir):
+  steps_per_epoch = NUM_EXAMPLES // 16
+  batches = _batches(data_dir, 2 * steps_per_epoch, flip=False)
+  epochs = [[_digest(image) for batch in batches[e * steps_per_epoch:(e + 1) * steps_per_epoch]
+             for image in batch["image"]] for e in range(2)]
+  assert len(set(epochs[0])) == NUM_EXAMPLES and set(epochs[0]) == set(epochs[1])
+  assert epochs[0] != epochs[1]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(data_dir):
+  first, second = _batches(data_dir, 3, seed=7), _batches(data_dir, 3, seed=7)
+  other = _batches(data_dir, 3, seed=8)
+  for a, b in zip(first, second):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(first[0]["label"], other[0]["label"])
+
+
+@pytest.mark.parametrize("start_step", [5, 11])  # inside the first epoch, and in the second (8 steps per epoch)
+def test_resuming_gives_the_batches_a_fresh_iterator_gives_later(data_dir, start_step):
+  fresh = _batches(data_dir, start_step + 4, seed=3, randaugment=(2, 9))
+  resumed = _batches(data_dir, 4, seed=3, randaugment=(2, 9), start_step=start_step)
+  for a, b in zip(fresh[start_step:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_processes_read_disjoint_shards_with_their_share_of_the_batch(data_dir):
+  images = []
+  for process_index in range(2):
+    batches = _batches(data_dir, NUM_EXAMPLES // 16, flip=False, process_index=process_index, process_count=2)
+    assert batches[0]["image"].shape[0] == 8
+    images.append({_digest(image) for batch in batches for image in batch["image"]})
+  assert len(images[0]) == len(images[1]) == NUM_EXAMPLES // 2
+  assert images[0].isdisjoint(images[1])
+
+
+def test_flip_mirrors_some_images_and_leaves_the_others(data_dir):
+  plain = np.concatenate([b["image"] for b in _batches(data_dir, 2, flip=False)])
+  flipped = np.concatenate([b["image"] for b in _batches(data_dir, 2, flip=True)])
+  mirrored = np.array([np.array_equal(f, p[:, ::-1]) for f, p in zip(flipped, plain)])
+  unchanged = np.array([np.array_equal(f, p) for f, p in zip(flipped, plain)])
+  assert np.all(mirrored | unchanged) and mirrored.sum() >= 4 and unchanged.sum() >= 4
+
+
+def test_randaugment_changes_images_and_keeps_their_type(data_dir):
+  plain = _batches(data_dir, 1, flip=False)[0]
+  augmented = _batches(data_dir, 1, flip=False, randaugment=(2, 9))[0]
+  np.testing.assert_array_equal(plain["label"], augmented["label"])  # same order: only the pixels change
+  assert augmented["image"].dtype == np.uint8 and augmented["image"].shape == plain["image"].shape
+  changed = [not np.array_equal(a, p) for a, p in zip(augmented["image"], plain["image"])]
+  assert sum(changed) >= 10
+
+
+def test_each_randaugment_op_keeps_shape_and_dtype_and_acts(data_dir):
+  image = tf.constant(_batches(data_dir, 1, flip=False)[0]["image"][0])
+  for index, name in enumerate(pipeline.RANDAUGMENT_OPS):
+    for sign in (1.0, -1.0):
+      result = pipeline.apply_randaugment_op(image, index, 15, sign)
+      assert result.dtype == tf.uint8 and result.shape == image.shape, name
+      assert np.array_equal(result.numpy(), image.numpy()) == (name == "identity"), (name, sign)
+  assert np.array_equal(pipeline.apply_randaugment_op(image, pipeline.RANDAUGMENT_OPS.index("rotate"), 0).numpy(),
+                        image.numpy())  # magnitude 0 of a geometric op is the identity
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(batch_size=15, process_count=2), "divisible"),
+    (dict(randaugment=(2, 31)), "magnitude"),
+    (dict(randaugment="strong"), "num_layers, magnitude"),
+    (dict(process_index=2, process_count=2), "process_index"),
+    (dict(batch_size=NUM_EXAMPLES + 16), "fewer than"),
+])
+def test_bad_options_are_refused(data_dir, options, message):
+  with pytest.raises(ValueError, match=message):
+    next(pipeline.train_iterator(TINY, data_dir=data_dir, **{"batch_size": 16, "seed": 0, **options}))
+
+
+def _faces(count):
+  renderer = synthetic.FaceRenderer(112)
+  return [renderer.render(synthetic.make_identity(1, index % 3), synthetic.sample_nuisance(
+      np.random.default_rng(index), "train"), np.random.default_rng(index)) for index in range(count)]
+
+
+def test_casia_webface_from_a_manual_record(tmp_path):
+  manual = tmp_path / "manual"
+  faces = _faces(9)
+  samples = [(recordio.encode_image(face), index % 3) for index, face in enumerate(faces)]
+  recordio.write_insightface_record(manual, samples)
+  data_dir = str(tmp_path / "tfds")
+  assert pipeline.dataset_info("casia_webface", data_dir=data_dir, manual_dir=manual) == {
+      "num_examples": 9, "num_classes": 3}
+  dataset = tfds.load("casia_webface", data_dir=data_dir, split="train",
+                      decoders={"image": tfds.decode.SkipDecoding()})
+  stored = sorted((example["image"], int(example["label"]), int(example["domain"]))
+                  for example in dataset.as_numpy_iterator())
+  assert stored == sorted((data, label, -1) for data, label in samples)
+  batch = next(pipeline.train_iterator("casia_webface", data_dir=data_dir, manual_dir=manual, batch_size=4, seed=0))
+  assert batch["image"].shape == (4, 112, 112, 3) and np.all(batch["domain"] == -1)
+
+
+def test_casia_webface_says_which_file_is_missing(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "lfw.bin").write_bytes(b"not the training set")
+  with pytest.raises(FileNotFoundError, match=str(manual / "train.rec")):
+    pipeline.dataset_info("casia_webface", data_dir=str(tmp_path / "tfds"), manual_dir=manual)
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+    pipeline.dataset_info("casia_webface", data_dir=str(tmp_path / "tfds"), manual_dir=tmp_path / "nowhere")
+  builder = tfds.builder("casia_webface", data_dir=str(tmp_path / "tfds"))
+  assert "train.rec" in builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="train.rec"):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(empty)))
+
+
+def test_face_folder_builder(tmp_path):
+  root = tmp_path / "faces"
+  faces = _faces(5)
+  for index, (name, suffix) in enumerate([("bob", "jpg"), ("bob", "png"), ("amy", "jpg"), ("cid", "png"),
+                                          ("cid", "jpg")]):
+    (root / name).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(faces[index]).save(root / name / f"{index}.{suffix}")
+  data_dir = str(tmp_path / "tfds")
+  assert pipeline.dataset_info("face_folder", data_dir=data_dir, manual_dir=root) == {
+      "num_examples": 5, "num_classes": 3}
+  dataset = tfds.load("face_folder", data_dir=data_dir, split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  stored = {example["image"]: int(example["label"]) for example in dataset.as_numpy_iterator()}
+  expected = {path.read_bytes(): ["amy", "bob", "cid"].index(path.parent.name) for path in root.glob("*/*")}
+  assert stored == expected
+  Image.fromarray(faces[0][:100]).save(root / "amy" / "small.png")
+  with pytest.raises(ValueError, match="small.png.*100x112"):
+    tfds.builder("face_folder", data_dir=str(tmp_path / "other")).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
