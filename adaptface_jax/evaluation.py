@@ -68,7 +68,7 @@ def benchmark_paths(config) -> dict[str, Path]:
           "`:demo` config (synthetic benchmarks).")
     return paths
   from adaptface_jax.data import tfds_builders
-  world = tfds_builders.synthetic_world_for(config.data.train, data_dir=config.data.data_dir)
+  world = tfds_builders.synthetic_world_for(config.data.train, data_dir=config.data.data_dir or None)
   unknown = [n for n in names if n not in world["benchmarks"]]
   if unknown:
     raise ValueError(f"benchmarks {unknown} are not in the synthetic world (it has {sorted(world['benchmarks'])}); "

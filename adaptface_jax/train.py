@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adaptface_jax import checkpoints, face_model, hf_weights, losses, optim, partition
+from adaptface_jax.data.synthetic import DOMAIN_NAMES
 from adaptface_jax.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_
   if out["domain_weights"] is not None:
     weights = out["domain_weights"]
     if out["domain_logits"] is not None:
+      labels = batch.get("domain") if c.supervised_weight > 0 else None
       domain_total, terms = losses.domain_losses(
-          out["domain_logits"], weights, batch.get("domain"), entropy_weight=c.entropy_weight,
+          out["domain_logits"], weights, labels, entropy_weight=c.entropy_weight,
           balance_weight=c.balance_weight, supervised_weight=c.supervised_weight)
       total = total + domain_total
       metrics.update({f"loss/domain_{k}": v for k, v in terms.items()})
@@ -108,8 +110,8 @@ class _StopOnSigterm:
 def _data_source(config):
   """(num_examples, num_classes) of the training set, failing early with what is missing and how to provide it."""
   from adaptface_jax.data import pipeline  # TensorFlow is imported only when data is needed
-  info = pipeline.dataset_info(config.data.train, data_dir=config.data.data_dir,
-                               manual_dir=config.data.manual_dir)
+  info = pipeline.dataset_info(config.data.train, data_dir=config.data.data_dir or None,
+                               manual_dir=config.data.manual_dir or None)
   num_classes = config.data.num_classes or info["num_classes"]
   if config.data.num_classes and config.data.num_classes != info["num_classes"]:
     raise ValueError(f"config.data.num_classes={config.data.num_classes} but {config.data.train} has "
@@ -137,6 +139,10 @@ def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
   backbone = hf_weights.load_backbone(config.model.backbone, random_init=config.model.random_init,
                                       seed=config.seed)
   model = face_model.create_model(config, backbone.config)
+  labelled = len(DOMAIN_NAMES)
+  if (config.router.mode == "oracle" or config.loss.supervised_weight > 0) and model.num_domains != labelled:
+    raise ValueError(f"oracle routing and the supervised domain loss use the data's {labelled} domain labels "
+                     f"{DOMAIN_NAMES}; they need adapter.num_domains == {labelled}, not {model.num_domains}")
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.jit(lambda r: face_model.init_variables(model, r, num_classes))(init_rng)
@@ -177,9 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from adaptface_jax.data import pipeline
   start = int(state.step)
   batches: Iterator[dict] = pipeline.train_iterator(
-      config.data.train, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
+      config.data.train, data_dir=config.data.data_dir or None, manual_dir=config.data.manual_dir or None,
       batch_size=config.data.batch_size, seed=config.seed, flip=config.data.flip,
-      randaugment=config.data.randaugment, shuffle_buffer=config.data.shuffle_buffer,
+      randaugment=tuple(config.data.randaugment) or None, shuffle_buffer=config.data.shuffle_buffer,
       process_index=jax.process_index(), process_count=jax.process_count(), start_step=start)
   eval_every = config.eval.every_steps or max(1, num_examples // config.data.batch_size)
   evaluator = _make_evaluator(config, model, frozen, mesh)

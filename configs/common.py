@@ -61,27 +61,27 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
   ))
   c.data = ml_collections.ConfigDict(dict(
       train="casia_webface",  # a TFDS builder registered by adaptface_jax.data.tfds_builders
-      data_dir=None,  # TFDS data_dir (default: the cache directory)
+      data_dir="",  # TFDS data_dir ("": $ADAPTFACE_CACHE/tfds or ~/.cache/adaptface_jax/tfds)
       manual_dir="~/data/faces_webface_112x112",  # where train.rec / train.idx are, for casia_webface
       num_classes=10572,
       batch_size=128,
       shuffle_buffer=20_000,
       flip=True,
-      randaugment=None,  # e.g. (2, 9) for RandAugment(num_layers, magnitude)
+      randaugment=(),  # e.g. (2, 9) for RandAugment(num_layers, magnitude); () = off
   ))
   c.eval = ml_collections.ConfigDict(dict(
       benchmarks=STANDARD_BENCHMARKS,
       bin_dir="~/data/faces_webface_112x112",  # where lfw.bin, cfp_fp.bin, ... are
       max_pairs=0,  # > 0: evaluate a subset of N pairs (see evaluation.py); 0: all pairs
       batch_size=256,
-      every_steps=None,  # None: once per epoch
+      every_steps=0,  # 0: once per epoch
       best_metric="lfw",  # the checkpoint kept as "best"
   ))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, end_lr=1e-6, warmup_fraction=5 / 40, warmup_steps=None, weight_decay=0.05,
       b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=5.0, decay_1d=False))
   c.num_epochs = 40
-  c.total_steps = None  # None: num_epochs over the training set
+  c.total_steps = 0  # 0: num_epochs over the training set
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
@@ -127,12 +127,12 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.model.random_init = True
   c.model.image_size = 112
   c.data.train = "synthetic_faces/demo"
-  c.data.manual_dir = None
-  c.data.num_classes = None  # read from the dataset
+  c.data.manual_dir = ""
+  c.data.num_classes = 0  # 0: read from the dataset
   c.data.batch_size = 64
   c.data.shuffle_buffer = 10_000
   c.eval.benchmarks = SYNTHETIC_BENCHMARKS
-  c.eval.bin_dir = None  # the synthetic world's own directory
+  c.eval.bin_dir = ""  # the synthetic world's own directory
   c.eval.max_pairs = 1200
   c.eval.best_metric = "synth_lfw"
   c.optim.lr = 1e-3
@@ -155,6 +155,8 @@ SWEEPS = {
     "targets": [("lora_dino", "targets=qkv_proj"), ("lora_dino", "targets=q_v")],
     "routing": [("dalora_dino", f"routing={m}") for m in ("learned", "uniform", "oracle")],
     "router_input": [("dalora_dino", f"router_input={i}") for i in ("frozen_cls", "patch_mean")],
+    # Two quick cells to check an installation (with `--base demo,tiny,steps=2`).
+    "smoke": [("lora_dino", "rank=2"), ("dalora_dino", "domains=2")],
 }
 # The synthetic study: the 2x2 matrix plus the rank and K sweeps; rank=16 and domains=3 are the defaults, i.e.
 # the matrix's own lora_dino and dalora_dino cells, and are not run twice.

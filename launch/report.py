@@ -69,7 +69,7 @@ def benchmark_columns(rows):
 def write_tables(rows, out: Path) -> tuple[Path, Path]:
   bench = benchmark_columns(rows)
   columns = ["run", *bench, "mean", "trainable_params", "steps", "wall_time_s", "images_per_sec"]
-  fmt = lambda v: "" if v is None else (f"{v:,}" if isinstance(v, int) else (f"{v:.1f}" if isinstance(v, float)
+  fmt = lambda v: "" if v is None else (f"{v:,}" if isinstance(v, int) else (f"{v:.2f}" if isinstance(v, float)
                                                                              else str(v)))
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:

@@ -39,3 +39,19 @@ def hf_snapshots(tmp_path_factory):
 
 def random_images(batch, size, seed=0):
   return np.random.RandomState(seed).randn(batch, size, size, 3).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  """One synthetic-world / TFDS cache for the whole test session (the tiny world is generated once)."""
+  path = tmp_path_factory.mktemp("adaptface_cache")
+  os.environ["ADAPTFACE_CACHE"] = str(path)
+  return path
+
+
+def tiny_run_args(**overrides):
+  """Command-line overrides for a seconds-long run on the tiny synthetic world with a 2-layer ViT."""
+  args = {"data.train": "synthetic_faces/tiny", "data.batch_size": 8, "log_every": 1, "eval.max_pairs": 40,
+          "eval.batch_size": 32, "model.image_size": 56}
+  args.update(overrides)
+  return [f"--config.{k}={v}" for k, v in args.items()]
