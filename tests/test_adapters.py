@@ -1,5 +1,6 @@
 """LoRA / DA-LoRA: parity with peft, exactness at init, one-hot routing, rank-K*r mixing, and `inspect` counts."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -38,7 +39,8 @@ def test_peft_parity_q_v_and_attention_output(hf_snapshots):
   flat = {k: rng.randn(*v.shape).astype(np.float32) * 0.05 for k, v in flat.items()}
   variables["lora"] = traverse_util.unflatten_dict(flat, sep="/")
 
-  peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+  # get_peft_model modifies the model in place: wrap a copy, the fixture's model is shared with other tests.
+  peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
                                                 lora_dropout=0.0, init_lora_weights=False))
   ours_to_peft = {"qkv/q": "q_proj", "qkv/v": "v_proj", "proj": "o_proj"}
   state = dict(peft_model.named_parameters())
