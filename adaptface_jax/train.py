@@ -196,32 +196,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     window_start, window_images = time.perf_counter(), 0
     for step in range(start, steps):
       batch = _global_batch(next(batches), batch_sharding)
-      state, metrics = step_fn(state, frozen, batch)
+      with jax.transfer_guard("disallow"):  # the step itself must not copy between host and device
+        state, metrics = step_fn(state, frozen, batch)
       window_images += config.data.batch_size
       done = step + 1
-      if done % config.log_every == 0 or done == steps:
-        metrics = jax.device_get(metrics)
-        if not all(math.isfinite(float(v)) for v in metrics.values()):
-          bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
+      stopping = stop.requested.is_set()  # read once: a signal arriving later is handled at the next step
+      evaluate_now = evaluator is not None and (done % eval_every == 0 or done == steps)
+      save_now = done % config.checkpoint_every == 0 or done == steps or evaluate_now or stopping
+      log_now = done % config.log_every == 0 or done == steps
+      if log_now or save_now:
+        # Checked before every save: NaN parameters make every later loss NaN, so no bad checkpoint is written.
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
           raise FloatingPointError(f"non-finite training metrics at step {done}: {bad}; the last good checkpoint "
                                    f"in {manager.directory} is untouched (lower optim.lr or check the data)")
-        elapsed = time.perf_counter() - window_start
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["images_per_sec"] = window_images / max(elapsed, 1e-9)
+      if log_now:
+        metrics["images_per_sec"] = window_images / max(time.perf_counter() - window_start, 1e-9)
         metrics_log.write(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", img_s=f"{metrics['images_per_sec']:.1f}")
         window_start, window_images = time.perf_counter(), 0
         last_metrics.update(metrics)
       bar.update(1)
-      results = None
-      if evaluator is not None and (done % eval_every == 0 or done == steps):
-        results = evaluator(state.trainable, workdir)
-        metrics_log.write(done, {f"eval/{name}": r["accuracy"] for name, r in results.items()})
-        last_metrics.update({f"eval/{name}": r["accuracy"] for name, r in results.items()})
-      if done % config.checkpoint_every == 0 or done == steps or results is not None or stop.requested.is_set():
+      accuracies = None
+      if evaluate_now:
+        accuracies = {name: r["accuracy"] for name, r in evaluator(state.trainable, workdir).items()}
+        metrics_log.write(done, {f"eval/{name}": a for name, a in accuracies.items()})
+        last_metrics.update({f"eval/{name}": a for name, a in accuracies.items()})
+      if save_now:
         manager.save(done, state, fingerprint=frozen_fingerprint, num_classes=num_classes, total_steps=steps,
-                     metrics={k: r["accuracy"] for k, r in results.items()} if results else None)
-      if stop.requested.is_set():
+                     metrics=accuracies)
+      if stopping:
         log.warning("SIGTERM: checkpoint saved at step %d, exiting", done)
         break
   manager.close()
