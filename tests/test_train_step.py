@@ -97,3 +97,11 @@ np.savez(sys.argv[2], **{k.replace("/", "|"): v for k, v in grads.items()})
   assert results[0].keys() == results[1].keys()
   for key in results[0]:
     np.testing.assert_allclose(results[0][key], results[1][key], atol=1e-5, err_msg=key)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_learns():
+  config = tiny_config()
+  config.model.dtype = "bfloat16"
+  state, _, _, losses = run_steps(config, 15, fixed_batch())
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.trainable))
+  assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
