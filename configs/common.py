@@ -133,7 +133,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.data.shuffle_buffer = 10_000
   c.eval.benchmarks = SYNTHETIC_BENCHMARKS
   c.eval.bin_dir = ""  # the synthetic world's own directory
-  c.eval.max_pairs = 600  # a balanced subset: 30 same + 30 different pairs from each fold
+  c.eval.max_pairs = 300  # a balanced subset: 15 same + 15 different pairs from each fold
   c.eval.best_metric = "synth_lfw"
   # A short run from a random-initialised backbone: a softer margin and a larger step than the recipe.
   c.loss.scale = 32.0
@@ -141,10 +141,10 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.optim.lr = 2e-3
   c.optim.end_lr = 1e-5
   c.optim.warmup_fraction = 0.05
-  c.total_steps = 100
+  c.total_steps = 90
   c.log_every = 10
-  c.checkpoint_every = 50
-  c.eval.every_steps = 100
+  c.checkpoint_every = 45
+  c.eval.every_steps = 90
 
 
 # The ablation matrix and the sweeps, declared once. A cell is (experiment file, config argument); with a base
