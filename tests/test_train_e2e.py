@@ -152,6 +152,14 @@ def test_ablation_two_cells_and_report(tmp_path, cache_dir):
     row = next(r for r in rows if r.startswith(f"| {name} "))
     assert f"{round(100 * results['synth_lfw']['accuracy'], 2):.2f}" in row
   assert (runs / "accuracy_by_benchmark.png").exists()
+  # A finished run's checkpoint evaluated again from the command line gives the same numbers.
+  out = run([sys.executable, "-m", "adaptface_jax.evaluate", f"--workdir={runs / 'dalora_dino-domains2'}",
+             "--max_pairs=40", "--json"], cache_dir)
+  lines = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [l["name"] for l in lines] == ["synth_lfw", "synth_cfp_fp", "synth_agedb"]
+  results = json.loads((runs / "dalora_dino-domains2" / "results.json").read_text())
+  for line in lines:
+    assert line["accuracy"] == pytest.approx(results[line["name"]]["accuracy"], abs=1e-9)
   script = tmp_path / "job.sh"
   run([sys.executable, "launch/ablation.py", "--sweep", "matrix", "--runs_dir", str(runs), "--slurm", str(script)],
       cache_dir)
