@@ -147,7 +147,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last") 
 
 
 def evaluate_untuned(config, init: str | None) -> dict[str, dict]:
-  from adaptface_jax import evaluation, partition, train
+  from adaptface_jax import evaluation, train
   with config.unlocked():
     if init:
       config.model.backbone, config.model.random_init = init, False

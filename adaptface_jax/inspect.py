@@ -6,7 +6,6 @@ Shapes only (jax.eval_shape): no weights are read and nothing is downloaded for 
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import app, flags

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time

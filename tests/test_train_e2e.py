@@ -143,7 +143,7 @@ def test_ablation_two_cells_and_report(tmp_path, cache_dir):
   assert first.stdout.count("[run]") == 2
   again = run(cmd, cache_dir)
   assert again.stdout.count("[done]") == 2 and "[run]" not in again.stdout
-  report = run([sys.executable, "launch/report.py", str(runs)], cache_dir)
+  run([sys.executable, "launch/report.py", str(runs)], cache_dir)
   table = (runs / "report.md").read_text().splitlines()
   rows = [line for line in table if line.startswith("| lora_dino") or line.startswith("| dalora_dino")]
   assert len(rows) == 2
