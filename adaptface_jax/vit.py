@@ -162,10 +162,11 @@ class Block(nn.Module):
 
     qkv = self.qkv(self.norm1(x), domain_weights, **kw)
     q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, c.num_heads, head_dim), 3, axis=2)
-    q, k, v = (t[:, :, 0] for t in (q, k, v))  # [B, T, H, d]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
+    # Heads-major [B, H, T, d] before the batched matmuls: XLA:CPU runs them faster in this layout.
+    q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))
+    logits = (q * jnp.asarray(head_dim ** -0.5, q.dtype)) @ k.swapaxes(-1, -2)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, tokens, c.hidden_size)
+    attn = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, c.hidden_size)
     attn = self.proj(attn, domain_weights, **kw)
     if c.layerscale_init is not None:
       attn = attn * self.ls1.astype(self.dtype)
