@@ -95,7 +95,9 @@ np.savez(sys.argv[2], **{k.replace("/", "|"): v for k, v in grads.items()})
     results.append(dict(np.load(out)))
   assert results[0].keys() == results[1].keys()
   for key in results[0]:
-    np.testing.assert_allclose(results[0][key], results[1][key], atol=1e-5, err_msg=key)
+    # Gradients within 1e-5; the scalar loss and grad norm (~1e2) to float32 resolution of their magnitude.
+    tolerance = dict(rtol=1e-6) if key.startswith("metrics|") else dict(atol=1e-5)
+    np.testing.assert_allclose(results[0][key], results[1][key], err_msg=key, **tolerance)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_learns():
