@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptface_jax.attention import attention
 from adaptface_jax.lora import QKV_SLICES, AdaptedDense, AdapterSpec
 
 FAMILIES = ("dinov2", "clip")
@@ -164,9 +165,8 @@ class Block(nn.Module):
     q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, c.num_heads, head_dim), 3, axis=2)
     # Heads-major [B, H, T, d] before the batched matmuls: XLA:CPU runs them faster in this layout.
     q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))
-    logits = (q * jnp.asarray(head_dim ** -0.5, q.dtype)) @ k.swapaxes(-1, -2)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    attn = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, c.hidden_size)
+    attn = attention(q * jnp.asarray(head_dim ** -0.5, q.dtype), k, v)
+    attn = attn.transpose(0, 2, 1, 3).reshape(batch, tokens, c.hidden_size)
     attn = self.proj(attn, domain_weights, **kw)
     if c.layerscale_init is not None:
       attn = attn * self.ls1.astype(self.dtype)

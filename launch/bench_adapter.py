@@ -7,7 +7,11 @@ mixed per image as one rank-K*r product), for the fused qkv (d -> 3d) and the at
 """
 
 import argparse
+import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import jax
 import jax.numpy as jnp

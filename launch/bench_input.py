@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
 AUGMENTATIONS = {"flip": None, "flip + RandAugment(2, 9)": (2, 9)}
 
 
