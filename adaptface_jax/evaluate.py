@@ -157,4 +157,6 @@ def evaluate_untuned(config, init: str | None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
+  from adaptface_jax import runtime
+  runtime.use_tcmalloc()
   app.run(main)

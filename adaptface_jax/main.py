@@ -9,6 +9,10 @@ import os
 # TensorFlow (input pipeline only) must neither take GPU memory nor flood the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if __name__ == "__main__":  # first, before the heavy imports: re-executes once under tcmalloc (see runtime.py)
+  from adaptface_jax import runtime
+  runtime.use_tcmalloc()
+
 import jax
 from absl import app, flags
 from absl import logging as absl_logging

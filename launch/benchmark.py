@@ -81,6 +81,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # On a GPU, JAX would take 75% of its memory at start; the reference shares the card in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # both stacks run under tcmalloc when it is installed (see adaptface_jax/runtime.py)
+  from adaptface_jax import runtime  # noqa: E402
+  runtime.use_tcmalloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -525,7 +528,8 @@ def run(args) -> dict:
 
   return {"device": {"jax": f"{jax_device.device_kind} ({jax_device.platform})",
                      "torch": str(torch_device) if torch_device else None, "cpu_threads": threads,
-                     "cpu_count": os.cpu_count()},
+                     "cpu_count": os.cpu_count(),
+                     "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"},
           # 1-minute load averages: other jobs on the machine (each side suffers from them differently).
           "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
           "versions": {"jax": jax.__version__, "torch": torch.__version__},
@@ -547,7 +551,7 @@ def format_table(report: dict) -> str:
                        for stack in measured["measured_start"])
   lines = [f"device: jax {report['device']['jax']}, torch {report['device']['torch']}; our dtype {report['dtype']}; "
            f"median of {report['rounds']} round(s) x {report['steps_per_timing']} step(s); {report['device']['cpu_threads']} "
-           f"CPU thread(s), load average {report['load_average']['start']:.2f} at start, "
+           f"CPU thread(s), {report['device']['allocator']} malloc, load average {report['load_average']['start']:.2f} at start, "
            f"{report['load_average']['end']:.2f} at end",
            f"{report['dtype']} matmul peak used for MFU: {peak / 1e9:.1f} GFLOP/s (measured, "
            f"{report['peak_matrix_size']}^2: {by_stack})"]
