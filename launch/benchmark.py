@@ -20,6 +20,10 @@ every parallel region of torch's OpenMP pool much more than XLA's work-stealing 
 cores the reference is slowed far more than ours; `--threads 1` pins both to one CPU. The JSON records the load
 average before and after the run.
 
+Allocator: the script re-executes itself under tcmalloc when it is installed (adaptface_jax/runtime.py), so both
+stacks share it; the report says which malloc ran. With glibc's, XLA:CPU page-faults its step buffers in again
+every step (the ViT-S/14 224 px train step ran at 0.35x of the reference instead of 0.66x).
+
 What is timed, per setting, in one process, alternating ours / reference (A B A B ...) round after round, the
 median over rounds reported:
   train  one optimizer step on a batch already on the device: uint8 [B, 112, 112, 3] -> /255 -> bicubic resize to
