@@ -43,3 +43,16 @@ def test_attention_picks_the_chunked_form_for_long_sequences_on_cpu():
   np.testing.assert_allclose(attention.attention(q, k, v), _batched(q, k, v), atol=1e-6)
   short = str(jax.make_jaxpr(attention.attention)(q[:, :, :64], k[:, :, :64], v[:, :, :64]))
   assert "custom_vjp_call" not in short
+
+
+def test_chunked_bfloat16_keeps_dtype_and_matches_float32():
+  q, k, v = (jnp.asarray(np.random.RandomState(i).randn(4, 2, 40, 8) * 0.5, jnp.float32) for i in range(3))
+  low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out = attention.chunked_attention(*low, 2)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), _batched(q, k, v), atol=5e-2)
+  grads = jax.grad(lambda *a: attention.chunked_attention(*a, 2).astype(jnp.float32).sum(), argnums=(0, 1, 2))(*low)
+  want = jax.grad(lambda *a: _batched(*a).sum(), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(grads, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g.astype(jnp.float32), w, atol=1e-1)
