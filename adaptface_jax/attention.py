@@ -27,6 +27,11 @@ def attention(q, k, v):
   batch, heads, tokens, _ = q.shape
   if jax.default_backend() == "cpu" and tokens >= _MIN_CHUNKED_TOKENS:
     return chunked_attention(q, k, v, chunk_size(batch, heads, tokens))
+  return batched_attention(q, k, v)
+
+
+def batched_attention(q, k, v):
+  """`attention` in one pass over the whole batch: the [B, H, T, T] probabilities are materialised."""
   return _probs(q, k) @ v
 
 

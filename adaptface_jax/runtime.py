@@ -29,19 +29,22 @@ def find_tcmalloc() -> str | None:
   return None
 
 
+def tcmalloc_preloaded() -> bool:
+  return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+
+
 def use_tcmalloc() -> None:
   """Re-executes this command with tcmalloc in LD_PRELOAD, unless it is there already, absent, or switched off."""
   if not sys.platform.startswith("linux") or os.environ.get(_SWITCH, "1") == "0":
     return
-  preload = os.environ.get("LD_PRELOAD", "")
-  if "tcmalloc" in preload:  # already preloaded (also stops a second re-execution)
+  if tcmalloc_preloaded():  # also stops a second re-execution
     return
   library = find_tcmalloc()
   if library is None:
     log.warning("tcmalloc not found: steps on CPU can take up to 2x longer with glibc's malloc. Install it "
                 "(apt install libtcmalloc-minimal4) or set %s=0 to silence this.", _SWITCH)
     return
-  env = dict(os.environ, LD_PRELOAD=f"{preload} {library}".strip())
+  env = dict(os.environ, LD_PRELOAD=f"{os.environ.get('LD_PRELOAD', '')} {library}".strip())
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, env)

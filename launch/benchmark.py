@@ -94,7 +94,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from adaptface_jax import evaluation, hf_weights, partition, preprocess, train  # noqa: E402
+from adaptface_jax import evaluation, face_model, hf_weights, partition, preprocess, runtime, train  # noqa: E402
 from adaptface_jax.vit import ViTConfig  # noqa: E402
 from configs import common  # noqa: E402
 
@@ -110,8 +110,6 @@ EMBEDDING_DIM = 512
 COSFACE_SCALE, COSFACE_MARGIN = 64.0, 0.35
 LR, WEIGHT_DECAY, GRAD_CLIP_NORM = 1e-4, 0.05, 5.0
 
-PRESET = {"dino": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch16"}
-QUICK_PRESET = {"dino": "tiny-dinov2", "clip": "tiny-clip"}
 # peft target names of the attention projections in transformers 5 (the counterparts of our qkv + proj).
 PEFT_TARGETS = {"dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "clip": ["q_proj", "k_proj", "v_proj", "out_proj"]}
@@ -208,7 +206,7 @@ def matmul_peak(dtype: str, size: int, torch_device: torch.device | None, repeat
   out = {}
   rng = np.random.RandomState(0)
   a_np, b_np = rng.randn(size, size).astype(np.float32), rng.randn(size, size).astype(np.float32)
-  jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  jax_dtype = face_model.DTYPES[dtype]
   a, b = jnp.asarray(a_np, jax_dtype), jnp.asarray(b_np, jax_dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(matmul(a, b))
@@ -267,6 +265,7 @@ class OursStack:
                                                                                EMBEDDING_DIM)
     model, state, frozen, tx, schedule = train.setup(config, NUM_CLASSES, steps=1000)
     self.vit: ViTConfig = model.vit
+    self.backbone_source = config.model.backbone  # the preset name; the reference is built from the same one
     self.num_domains = model.num_domains
     self.trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(state.trainable)))
     self.batch = jax.device_put(batch)
@@ -442,7 +441,6 @@ def run(args) -> dict:
   if args.steps is None:
     args.steps = 20 if on_gpu else 1
   settings = select_settings(all_settings(args.quick), args.settings)
-  preset_names = QUICK_PRESET if args.quick else PRESET
   autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
   log(f"jax {jax.__version__} on {jax_device.device_kind} ({jax_device.platform}); torch {torch.__version__} "
       f"on {torch_device}; {threads} CPU thread(s), load average {load_before[0]:.2f}; our dtype {args.dtype}; {len(settings)} settings, "
@@ -459,7 +457,7 @@ def run(args) -> dict:
     ours = OursStack(setting, quick=args.quick, dtype=args.dtype, batch=batch)
     entry = {"ours": ours, "reference": None}
     if setting.has_reference and args.reference:
-      entry["reference"] = TorchReference(hf_weights.PRESETS[preset_names[setting.backbone]],
+      entry["reference"] = TorchReference(hf_weights.PRESETS[ours.backbone_source],
                                           image_size=setting.image_size, batch=batch, device=torch_device,
                                           autocast_dtype=autocast_dtype)
     stacks[setting.name] = entry
@@ -533,7 +531,7 @@ def run(args) -> dict:
   return {"device": {"jax": f"{jax_device.device_kind} ({jax_device.platform})",
                      "torch": str(torch_device) if torch_device else None, "cpu_threads": threads,
                      "cpu_count": os.cpu_count(),
-                     "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"},
+                     "allocator": "tcmalloc" if runtime.tcmalloc_preloaded() else "system"},
           # 1-minute load averages: other jobs on the machine (each side suffers from them differently).
           "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
           "versions": {"jax": jax.__version__, "torch": torch.__version__},

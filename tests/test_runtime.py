@@ -30,8 +30,9 @@ def test_reexecutes_under_tcmalloc_when_installed_else_says_how_to_install():
 
 
 def test_switched_off_or_already_preloaded_runs_unchanged():
-  assert _run(ADAPTFACE_TCMALLOC="0").stdout.strip() == "LD_PRELOAD="
-  assert "tcmalloc not found" not in _run(ADAPTFACE_TCMALLOC="0").stderr
+  switched_off = _run(ADAPTFACE_TCMALLOC="0")
+  assert switched_off.stdout.strip() == "LD_PRELOAD="
+  assert "tcmalloc not found" not in switched_off.stderr
   library = runtime.find_tcmalloc()
   if library is not None:  # already there: no second re-execution, LD_PRELOAD kept as given
     assert _run(LD_PRELOAD=library).stdout.strip() == f"LD_PRELOAD={library}"
