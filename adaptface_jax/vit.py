@@ -94,10 +94,36 @@ def _activation(name: str) -> str:
 
 
 def _act(name: str, x):
-  if name == "gelu":
-    # Exact GELU in torch's erf form: XLA:CPU runs it 2.4x faster than jax.nn.gelu's erfc form (forward).
-    return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
+  return _gelu(x) if name == "gelu" else _quick_gelu(x)
+
+
+# Both activations carry their own derivative: autodiff of the formulas keeps five or six [tokens, mlp_dim]
+# intermediates alive for the backward pass; the rules below keep one (the derivative), which the MLP backward
+# then reads once.
+@jax.custom_jvp
+def _gelu(x):
+  # Exact GELU in torch's erf form: XLA:CPU runs it 2.4x faster than jax.nn.gelu's erfc form (forward).
+  return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
+
+
+@_gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  cdf = 0.5 * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
+  pdf = jnp.exp(-0.5 * x * x) * np.asarray((2 * np.pi) ** -0.5, x.dtype)
+  return x * cdf, dx * (cdf + x * pdf)
+
+
+@jax.custom_jvp
+def _quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
+
+
+@_quick_gelu.defjvp
+def _quick_gelu_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  s = jax.nn.sigmoid(1.702 * x)
+  return x * s, dx * (s + 1.702 * x * s * (1 - s))
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,12 +3,14 @@
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from adaptface_jax import load_backbone
+from adaptface_jax import load_backbone, vit
 from adaptface_jax.hf_weights import CheckpointError
 from adaptface_jax.vit import ViTConfig, bicubic_matrix
 from conftest import random_images
@@ -133,3 +135,16 @@ def test_architecture_comes_from_config_json():
                                   patch_size=7, image_size=70, layerscale_value=0.1, layer_norm_eps=1e-5))
   assert (config.hidden_size, config.num_layers, config.num_heads, config.patch_size, config.pos_grid,
           config.layerscale_init, config.layer_norm_eps, config.mlp_dim) == (48, 3, 3, 7, 10, 0.1, 1e-5, 192)
+
+
+@pytest.mark.parametrize("name", ["gelu", "quick_gelu"])
+def test_activation_values_and_derivatives_match_torch(name):
+  x = np.linspace(-8, 8, 2001).astype(np.float32)
+  fn = torch.nn.functional.gelu if name == "gelu" else (lambda t: t * torch.sigmoid(1.702 * t))
+  tx = torch.tensor(x, requires_grad=True)
+  fn(tx).sum().backward()
+  value, vjp = jax.vjp(lambda x: vit._act(name, x), jnp.asarray(x))
+  np.testing.assert_allclose(value, fn(torch.tensor(x)).numpy(), atol=1e-6)
+  np.testing.assert_allclose(vjp(jnp.ones_like(value))[0], tx.grad.numpy(), atol=1e-6)
+  second = jax.grad(jax.grad(lambda t: vit._act(name, t)))(0.3)  # the custom rule stays differentiable
+  assert np.isfinite(second) and second != 0
