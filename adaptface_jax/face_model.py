@@ -87,7 +87,8 @@ class FaceModel(nn.Module):
       feature = self.backbone.patch_embed(images).mean(axis=1)
     else:
       # A pass of the pretrained backbone without adapters: routing sees the frozen representation only.
-      feature = jax.lax.stop_gradient(self.backbone(images, adapters_enabled=False)["pooler_output"])
+      frozen = self.backbone(images, adapters_enabled=False, pooled_only=True)
+      feature = jax.lax.stop_gradient(frozen["pooler_output"])
     logits = self.router(feature, deterministic=deterministic).astype(jnp.float32)
     return logits, jax.nn.softmax(logits, axis=-1)
 
@@ -96,7 +97,7 @@ class FaceModel(nn.Module):
     feature (backbone output), domain_logits (learned routing only), domain_weights [B, K] (DA-LoRA only))."""
     x = preprocess(images, image_size=self.image_size, family=self.vit.family, dtype=self.dtype)
     logits, weights = self.route(x, domain_labels, deterministic=not train)
-    out = self.backbone(x, weights, deterministic=not train)
+    out = self.backbone(x, weights, deterministic=not train, pooled_only=True)
     feature = out["image_embeds"] if self.use_projection else out["pooler_output"]
     raw = self.head(feature.astype(jnp.float32))
     # The verification protocol sums raw embeddings of an image and its flip before normalising.

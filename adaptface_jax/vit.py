@@ -182,7 +182,8 @@ class Block(nn.Module):
       self.ls1 = self.param("ls1", init, (c.hidden_size,), jnp.float32)
       self.ls2 = self.param("ls2", init, (c.hidden_size,), jnp.float32)
 
-  def __call__(self, x, domain_weights, adapters_enabled, deterministic):
+  def __call__(self, x, domain_weights, adapters_enabled, deterministic, cls_only=False):
+    """cls_only: return the CLS token's output only ([B, 1, D]); the other tokens still serve as keys/values."""
     c = self.config
     kw = dict(adapters_enabled=adapters_enabled, deterministic=deterministic)
     batch, tokens, _ = x.shape
@@ -192,8 +193,10 @@ class Block(nn.Module):
     q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, c.num_heads, head_dim), 3, axis=2)
     # Heads-major [B, H, T, d] before the batched matmuls: XLA:CPU runs them faster in this layout.
     q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))
+    if cls_only:
+      x, q = x[:, :1], q[:, :, :1]
     attn = attention(q * jnp.asarray(head_dim ** -0.5, q.dtype), k, v)
-    attn = attn.transpose(0, 2, 1, 3).reshape(batch, tokens, c.hidden_size)
+    attn = attn.transpose(0, 2, 1, 3).reshape(x.shape)
     attn = self.proj(attn, domain_weights, **kw)
     if c.layerscale_init is not None:
       attn = attn * self.ls1.astype(self.dtype)
@@ -256,8 +259,13 @@ class ViT(nn.Module):
     resized = jnp.einsum("ih,hwd,jw->ijd", wh, grid, ww, precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([self.pos[:1], resized.reshape(grid_h * grid_w, c.hidden_size)], axis=0)
 
-  def __call__(self, images, domain_weights=None, *, adapters_enabled=True, deterministic=True):
-    """Returns dict(last_hidden_state [B, 1+N, D], pooler_output [B, D], and image_embeds when projected)."""
+  def __call__(self, images, domain_weights=None, *, adapters_enabled=True, deterministic=True, pooled_only=False):
+    """Returns dict(last_hidden_state [B, 1+N, D], pooler_output [B, D], and image_embeds when projected).
+
+    pooled_only: skip last_hidden_state. Both families pool the CLS token, so the last block then runs its
+    attention output, projection and MLP for that token alone (the same numbers, about 7% fewer FLOPs for a
+    12-block ViT at 224 px, forward and backward).
+    """
     c = self.config
     tokens = self.patch_embed(images)
     batch = tokens.shape[0]
@@ -266,15 +274,15 @@ class ViT(nn.Module):
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embeddings(grid_h, grid_w).astype(self.dtype)
     if c.family == "clip":
       x = self.pre_norm(x)
-    for block in self.blocks:
-      x = block(x, domain_weights, adapters_enabled, deterministic)
+    for i, block in enumerate(self.blocks):
+      x = block(x, domain_weights, adapters_enabled, deterministic, cls_only=pooled_only and i == c.num_layers - 1)
     if c.family == "dinov2":
       last = self.final_norm(x)
       pooled = last[:, 0]
     else:
       last = x
       pooled = self.final_norm(x[:, 0])
-    out = {"last_hidden_state": last, "pooler_output": pooled}
+    out = {"pooler_output": pooled} if pooled_only else {"last_hidden_state": last, "pooler_output": pooled}
     if c.projection_dim:
       out["image_embeds"] = pooled @ self.projection.astype(self.dtype)
     return out

@@ -80,6 +80,28 @@ def test_adapted_model_equals_frozen_at_init_and_one_hot_equals_lora():
     np.testing.assert_allclose(mixed["last_hidden_state"], single["last_hidden_state"], atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny-dinov2", "tiny-clip"])
+def test_pooled_only_gives_the_same_pooled_output_and_gradients(preset):
+  """The last block computed for the CLS token alone changes neither the pooled feature nor the LoRA gradients."""
+  backbone = load_backbone(preset, random_init=True)
+  images = jnp.asarray(random_images(3, 4 * backbone.config.patch_size))
+  module = backbone.module(AdapterSpec(rank=4, alpha=4.0, num_domains=3, targets=("qkv", "proj", "fc1", "fc2")))
+  w = jnp.asarray(np.random.RandomState(0).dirichlet(np.ones(3), size=3), jnp.float32)
+  rng = np.random.RandomState(1)
+  lora = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape) * 0.1, jnp.float32),
+                      _lora_variables(module, backbone, np.asarray(images))["lora"])
+
+  def pooled(lora, w, pooled_only):
+    out = module.apply({"params": backbone.params, "lora": lora}, images, w, pooled_only=pooled_only)
+    assert ("last_hidden_state" in out) != pooled_only
+    return out["pooler_output"]
+
+  np.testing.assert_allclose(pooled(lora, w, True), pooled(lora, w, False), atol=1e-5)
+  grads = [jax.grad(lambda l, w, p=p: jnp.sum(pooled(l, w, p) ** 2), argnums=(0, 1))(lora, w) for p in (True, False)]
+  for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_rank_k_r_product_equals_sum_of_k_deltas():
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(4, 5, 8), jnp.float32)
