@@ -50,3 +50,7 @@ def test_long_sequences_are_grouped_on_cpu_within_the_memory_bound(monkeypatch):
   calls.clear()
   attention.attention(*_inputs(shape=(4, 3, 37, 16)))  # short sequences: one pass over the batch
   assert calls == [4]
+  calls.clear()
+  monkeypatch.setattr(jax, "device_count", lambda: 8)  # a sharded batch is not sliced into groups
+  attention.attention(*_inputs(shape=(4, 16, 300, 8)))
+  assert calls == [4]
