@@ -73,7 +73,7 @@ def lora_delta(x, lora_a, lora_b, domain_weights, scale, dtype):
 @jax.custom_vjp
 def _low_rank(x, a, b, w):
   """((x @ a) * w) @ b for x [B, T, in], a [in, R], b [R, out], w [B, R]."""
-  return ((x @ a) * w[:, None]) @ b
+  return _low_rank_fwd(x, a, b, w)[0]
 
 
 def _low_rank_fwd(x, a, b, w):

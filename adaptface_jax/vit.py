@@ -100,16 +100,20 @@ def _act(name: str, x):
 # Both activations carry their own derivative: autodiff of the formulas keeps five or six [tokens, mlp_dim]
 # intermediates alive for the backward pass; the rules below keep one (the derivative), which the MLP backward
 # then reads once.
+def _normal_cdf(x):
+  # torch's erf form: XLA:CPU runs exact GELU 2.4x faster with it than with jax.nn.gelu's erfc form (forward).
+  return 0.5 * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
+
+
 @jax.custom_jvp
 def _gelu(x):
-  # Exact GELU in torch's erf form: XLA:CPU runs it 2.4x faster than jax.nn.gelu's erfc form (forward).
-  return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
+  return x * _normal_cdf(x)  # exact GELU
 
 
 @_gelu.defjvp
 def _gelu_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
-  cdf = 0.5 * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
+  cdf = _normal_cdf(x)
   pdf = jnp.exp(-0.5 * x * x) * np.asarray((2 * np.pi) ** -0.5, x.dtype)
   return x * cdf, dx * (cdf + x * pdf)
 
