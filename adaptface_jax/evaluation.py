@@ -119,6 +119,8 @@ class Evaluator:
   def __call__(self, trainable, out_dir: Path | None = None) -> dict:
     variables = partition.merge(trainable, self.frozen)
     variables = {k: v for k, v in variables.items() if k != "margin"}
+    if self.mesh is not None:  # replicated over the devices that share each batch (a no-op when they already are)
+      variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
     results = {}
     for name, (images, issame, domains) in self.benchmarks.items():
       emb, emb_flip, weights = extract(self.embed_fn, variables, images, batch_size=self.config.eval.batch_size,

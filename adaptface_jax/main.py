@@ -9,8 +9,9 @@ import os
 # TensorFlow (input pipeline only) must neither take GPU memory nor flood the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-if __name__ == "__main__":  # first, before the heavy imports: re-executes once under tcmalloc (see runtime.py)
-  from adaptface_jax import runtime
+from adaptface_jax import runtime  # noqa: E402 (light: os, sys, ctypes)
+
+if __name__ == "__main__":  # first, before the heavy imports: re-executes once under tcmalloc
   runtime.use_tcmalloc()
 
 import jax
@@ -31,6 +32,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _MULTIHOST.value:
     jax.distributed.initialize()
+  else:  # on CPU, one device per core; the batch is sharded over them (see runtime.py)
+    runtime.use_cpu_devices(_CONFIG.value.data.batch_size)
   # Our progress at INFO; library chatter (orbax, absl) only from WARNING up.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("adaptface_jax").setLevel(logging.INFO)

@@ -124,8 +124,16 @@ def total_steps(config, num_examples: int) -> int:
   return int(config.num_epochs * num_examples // config.data.batch_size)
 
 
-def _mesh() -> Mesh:
+def data_mesh() -> Mesh:
+  """All devices on one "data" axis: parameters are replicated, batches sharded."""
   return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def jit_train_step(model, tx, schedule, loss_config, mesh: Mesh):
+  """The train step jitted for `mesh`: state and frozen replicated, the batch sharded; the state is donated."""
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(make_train_step(model, tx, schedule, loss_config), donate_argnums=0,
+                 in_shardings=(replicated, replicated, batch_sharding), out_shardings=(replicated, replicated))
 
 
 def _global_batch(local_batch: dict, sharding) -> dict:
@@ -171,13 +179,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  mesh = _mesh()
+  mesh = data_mesh()
+  if config.data.batch_size % mesh.size:
+    raise ValueError(f"data.batch_size {config.data.batch_size} must be a multiple of the {mesh.size} devices it "
+                     "is sharded over")
+  log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   state = jax.device_put(state, replicated)
   frozen = jax.device_put(frozen, replicated)
-  step_fn = jax.jit(make_train_step(model, tx, schedule, config.loss), donate_argnums=0,
-                    in_shardings=(replicated, replicated, batch_sharding), out_shardings=(replicated, replicated))
+  step_fn = jit_train_step(model, tx, schedule, config.loss, mesh)
 
   from adaptface_jax.data import pipeline
   start = int(state.step)

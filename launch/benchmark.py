@@ -35,7 +35,8 @@ median over rounds reported:
          37x37 position table to the 8x8 grid inside the step.
   embed  forward-only embedding extraction as in verification: the batch and its horizontal flip (2B images),
          eval mode, no gradient, raw 512-d head outputs.
-Ours is `train.make_train_step` jitted with donate_argnums=0 and `evaluation.make_embed_fn`. Compile time (trace,
+Ours is `train.jit_train_step` (state donated) and `evaluation.make_embed_fn`, the batch sharded over every JAX
+device as in training: on CPU one device per core (`runtime.use_cpu_devices`; ADAPTFACE_CPU_DEVICES=1 for one). Compile time (trace,
 lower and compile) and the first call are reported apart from the steady state. The reference runs eagerly
 (no torch.compile): its first call is reported, it has no compile step.
 
@@ -73,6 +74,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -93,6 +95,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from adaptface_jax import evaluation, face_model, hf_weights, partition, preprocess, runtime, train  # noqa: E402
 from adaptface_jax.vit import ViTConfig  # noqa: E402
@@ -264,11 +267,15 @@ class OursStack:
     assert (config.loss.scale, config.loss.m3, config.model.embedding_dim) == (COSFACE_SCALE, COSFACE_MARGIN,
                                                                                EMBEDDING_DIM)
     model, state, frozen, tx, schedule = train.setup(config, NUM_CLASSES, steps=1000)
+    # As in training: parameters replicated and the batch sharded over every device (on CPU, one per core).
+    mesh = train.data_mesh()
+    replicated = NamedSharding(mesh, P())
+    state, frozen = jax.device_put((state, frozen), replicated)
     self.vit: ViTConfig = model.vit
     self.backbone_source = config.model.backbone  # the preset name; the reference is built from the same one
     self.num_domains = model.num_domains
     self.trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(state.trainable)))
-    self.batch = jax.device_put(batch)
+    self.batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     self.frozen = frozen
     # Separate copies: the train step donates (and so deletes) the state's buffers.
     variables = partition.merge(jax.tree.map(jnp.copy, state.trainable), frozen)
@@ -276,15 +283,17 @@ class OursStack:
     self.state = state
 
     start = time.perf_counter()
-    step = jax.jit(train.make_train_step(model, tx, schedule, config.loss), donate_argnums=0)
+    step = train.jit_train_step(model, tx, schedule, config.loss, mesh)
     self._step = step.lower(self.state, self.frozen, self.batch).compile()
     self.train_compile_s = time.perf_counter() - start
     start = time.perf_counter()
     embed = evaluation.make_embed_fn(model)
     self._embed = embed.lower(self.embed_variables, self.batch["image"], self.batch["domain"]).compile()
     self.embed_compile_s = time.perf_counter() - start
-    # XLA's own count for the compiled programs (dots and elementwise ops): a check on the analytic count.
-    self.xla_flops = {"train": xla_flops(self._step), "embed": xla_flops(self._embed)}
+    # XLA's own count for the compiled programs (dots and elementwise ops): a check on the analytic count. It
+    # counts one device's program; each device runs its share of the batch.
+    self.xla_flops = {kind: flops and flops * mesh.size
+                      for kind, flops in (("train", xla_flops(self._step)), ("embed", xla_flops(self._embed)))}
 
   def train(self, steps: int) -> None:
     for _ in range(steps):
@@ -426,6 +435,8 @@ def pin_threads(threads: int | None) -> int:
 
 def run(args) -> dict:
   threads = pin_threads(args.threads)
+  settings = select_settings(all_settings(args.quick), args.settings)
+  cpu_devices = runtime.use_cpu_devices(math.gcd(*(s.batch_size for s in settings)))
   load_before = os.getloadavg()
   torch_device = None
   if args.reference:
@@ -440,10 +451,9 @@ def run(args) -> dict:
                      "Install a CUDA torch, or pass --no-reference")
   if args.steps is None:
     args.steps = 20 if on_gpu else 1
-  settings = select_settings(all_settings(args.quick), args.settings)
   autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
   log(f"jax {jax.__version__} on {jax_device.device_kind} ({jax_device.platform}); torch {torch.__version__} "
-      f"on {torch_device}; {threads} CPU thread(s), load average {load_before[0]:.2f}; our dtype {args.dtype}; {len(settings)} settings, "
+      f"on {torch_device}; {threads} CPU thread(s), {len(jax.devices())} JAX device(s), load average {load_before[0]:.2f}; our dtype {args.dtype}; {len(settings)} settings, "
       f"{args.rounds} round(s) of {args.steps} step(s)")
 
   peak_size = 8192 if on_gpu else 2048
@@ -530,6 +540,7 @@ def run(args) -> dict:
 
   return {"device": {"jax": f"{jax_device.device_kind} ({jax_device.platform})",
                      "torch": str(torch_device) if torch_device else None, "cpu_threads": threads,
+                     "jax_devices": len(jax.devices()),
                      "cpu_count": os.cpu_count(),
                      "allocator": "tcmalloc" if runtime.tcmalloc_preloaded() else "system"},
           # 1-minute load averages: other jobs on the machine (each side suffers from them differently).
@@ -553,7 +564,7 @@ def format_table(report: dict) -> str:
                        for stack in measured["measured_start"])
   lines = [f"device: jax {report['device']['jax']}, torch {report['device']['torch']}; our dtype {report['dtype']}; "
            f"median of {report['rounds']} round(s) x {report['steps_per_timing']} step(s); {report['device']['cpu_threads']} "
-           f"CPU thread(s), {report['device']['allocator']} malloc, load average {report['load_average']['start']:.2f} at start, "
+           f"CPU thread(s), {report['device']['jax_devices']} JAX device(s), {report['device']['allocator']} malloc, load average {report['load_average']['start']:.2f} at start, "
            f"{report['load_average']['end']:.2f} at end",
            f"{report['dtype']} matmul peak used for MFU: {peak / 1e9:.1f} GFLOP/s (measured, "
            f"{report['peak_matrix_size']}^2: {by_stack})"]

@@ -1,5 +1,9 @@
 """attention() (softmax normalised after the matmul, grouped on CPU) equals softmax-then-matmul, values and gradients."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,13 +48,40 @@ def test_long_sequences_are_grouped_on_cpu_within_the_memory_bound(monkeypatch):
   assert attention.group_size(7, 64 * 1024 * 1024 * 4) == 1  # one image over the budget still makes a group
   assert attention.group_size(12, 4) == 12
   calls = []
-  monkeypatch.setattr(attention, "_attention", lambda q, k, v: calls.append(q.shape[0]) or q)
+  monkeypatch.setattr(attention, "_attention", lambda q, k, v: calls.append(q.shape[:2]) or q)
   attention.attention(*_inputs(shape=(4, 16, 300, 8)))  # 5.8 MB of scores per image: one image per group
-  assert calls == [1, 1, 1, 1]
+  assert calls == [(1, 1)] * 4  # [shards, images]
   calls.clear()
   attention.attention(*_inputs(shape=(4, 3, 37, 16)))  # short sequences: one pass over the batch
-  assert calls == [4]
+  assert calls == [(4, 3)]
   calls.clear()
-  monkeypatch.setattr(jax, "device_count", lambda: 8)  # a sharded batch is not sliced into groups
+  monkeypatch.setattr(jax, "device_count", lambda: 2)  # each group lies within one device's rows of the batch
   attention.attention(*_inputs(shape=(4, 16, 300, 8)))
-  assert calls == [4]
+  assert calls == [(2, 1)] * 2
+
+
+SHARDED = r"""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from adaptface_jax import attention
+assert jax.device_count() == 2
+batch = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P("data"))
+q, k, v = (jax.device_put(np.random.RandomState(i).randn(8, 4, 260, 16).astype(np.float32) * 0.5, batch)
+           for i in range(3))
+loss = lambda fn: (lambda q, k, v: (fn(q, k, v) ** 2).sum())
+grad = jax.jit(jax.grad(loss(attention.attention), argnums=(0, 1, 2)))
+hlo = grad.lower(q, k, v).compile().as_text()
+moved = [op for op in ("all-to-all", "collective-permute", "all-gather", "all-reduce") if op in hlo]
+assert not moved, moved
+want = jax.grad(loss(attention.softmax_attention), argnums=(0, 1, 2))(*(np.asarray(x) for x in (q, k, v)))
+for g, w in zip(grad(q, k, v), want):
+  np.testing.assert_allclose(np.asarray(g), w, atol=2e-5)
+print("ok")
+"""
+
+
+def test_groups_of_a_sharded_batch_stay_on_their_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -36,3 +36,20 @@ def test_switched_off_or_already_preloaded_runs_unchanged():
   library = runtime.find_tcmalloc()
   if library is not None:  # already there: no second re-execution, LD_PRELOAD kept as given
     assert _run(LD_PRELOAD=library).stdout.strip() == f"LD_PRELOAD={library}"
+
+
+def _devices(batch_size, **env_updates):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ADAPTFACE_CPU_DEVICES")}
+  env.update(env_updates, JAX_PLATFORMS="cpu")
+  program = ("import jax; from adaptface_jax import runtime; "
+             f"print(runtime.use_cpu_devices({batch_size}), jax.device_count())")
+  return subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_one_cpu_device_per_core_that_divides_the_batch():
+  cores = len(os.sched_getaffinity(0))
+  assert _devices(None).stdout.split() == [str(cores)] * 2
+  assert _devices(12, ADAPTFACE_CPU_DEVICES="5").stdout.split() == ["4", "4"]  # 5 does not divide 12
+  assert _devices(7, ADAPTFACE_CPU_DEVICES="3").stdout.split() == ["1", "1"]
+  bad = _devices(8, ADAPTFACE_CPU_DEVICES="two")
+  assert bad.returncode != 0 and "ADAPTFACE_CPU_DEVICES='two': expected a positive integer" in bad.stderr
