@@ -10,10 +10,10 @@ the library preloaded. ADAPTFACE_TCMALLOC=0 keeps the system allocator.
 
 On CPU the entry points also call `use_cpu_devices()` before JAX's first computation: XLA presents each core as a
 device and the train step and embedding extraction shard the batch over them, as over GPUs. One XLA:CPU program
-runs many of a ViT step's ops (the batched attention matmuls, LayerNorm, the softmax) on one core; two programs
-over half the batch each keep both cores busy. DINOv2 ViT-S/14 LoRA train step on 2 cores, 112 px batch 64:
-1 device 30-35 img/s, 2 devices 37-41 (`ADAPTFACE_CPU_DEVICES=1 python launch/benchmark.py` for the former).
-ADAPTFACE_CPU_DEVICES=N sets the count.
+spreads small operations poorly over the cores: the batched attention matmul [32 x 6] x [257, 64] x [64, 257]
+runs at 89-92 GFLOP/s on one device of a 2-core machine and at 153-162 over two devices. DINOv2 ViT-S/14 LoRA
+train step, 112 px batch 64, same machine: 30-35 img/s on one device, 37-41 on two. At most 8 devices by default
+(each holds its own copy of the weights); ADAPTFACE_CPU_DEVICES=N sets the count (1: a single device).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # Debian / Ubuntu: apt install libtcmalloc-minimal4
 _SWITCH = "ADAPTFACE_TCMALLOC"
 _CPU_DEVICES = "ADAPTFACE_CPU_DEVICES"
+_MAX_CPU_DEVICES = 8
 
 
 def find_tcmalloc() -> str | None:
@@ -60,16 +61,16 @@ def use_tcmalloc() -> None:
 
 
 def use_cpu_devices(batch_size: int | None = None) -> int:
-  """Makes XLA:CPU present one device per core this process may use (ADAPTFACE_CPU_DEVICES overrides), lowered
-  to a divisor of `batch_size` so that a batch splits evenly. Must run before JAX's first computation; no effect
-  on GPU runs. Returns the count."""
+  """Makes XLA:CPU present one device per core this process may use, at most 8 (each device holds its own copy
+  of the weights; ADAPTFACE_CPU_DEVICES overrides), lowered to a divisor of `batch_size` so that a batch splits
+  evenly. Must run before JAX's first computation; no effect on GPU runs. Returns the count."""
   import jax
 
   wanted = os.environ.get(_CPU_DEVICES)
   if wanted is not None and not (wanted.isdigit() and int(wanted) >= 1):
     raise ValueError(f"{_CPU_DEVICES}={wanted!r}: expected a positive integer")
-  count = int(wanted) if wanted else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                      else os.cpu_count() or 1)
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  count = int(wanted) if wanted else min(cores, _MAX_CPU_DEVICES)
   if batch_size:
     count = max(d for d in range(1, count + 1) if batch_size % d == 0)
   jax.config.update("jax_num_cpu_devices", count)

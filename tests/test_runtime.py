@@ -47,7 +47,7 @@ def _devices(batch_size, **env_updates):
 
 
 def test_one_cpu_device_per_core_that_divides_the_batch():
-  cores = len(os.sched_getaffinity(0))
+  cores = min(len(os.sched_getaffinity(0)), 8)
   assert _devices(None).stdout.split() == [str(cores)] * 2
   assert _devices(12, ADAPTFACE_CPU_DEVICES="5").stdout.split() == ["4", "4"]  # 5 does not divide 12
   assert _devices(7, ADAPTFACE_CPU_DEVICES="3").stdout.split() == ["1", "1"]
