@@ -36,9 +36,9 @@ median over rounds reported:
   embed  forward-only embedding extraction as in verification: the batch and its horizontal flip (2B images),
          eval mode, no gradient, raw 512-d head outputs.
 Ours is `train.jit_train_step` (state donated) and `evaluation.make_embed_fn`, the batch sharded over every JAX
-device as in training: on CPU one device per core (`runtime.use_cpu_devices`; ADAPTFACE_CPU_DEVICES=1 for one). Compile time (trace,
-lower and compile) and the first call are reported apart from the steady state. The reference runs eagerly
-(no torch.compile): its first call is reported, it has no compile step.
+device as in training: on CPU one device per core (`runtime.use_cpu_devices`; ADAPTFACE_CPU_DEVICES=1 runs ours
+on a single device). Compile time (trace, lower and compile) and the first call are reported apart from the
+steady state. The reference runs eagerly (no torch.compile): its first call is reported, it has no compile step.
 
 LoRA targets: ours adapts the fused qkv kernel (one A [d, r] and one B [r, 3d]) and the attention output; peft
 adapts HF's separate q, k, v and output projections (q_proj, k_proj, v_proj and o_proj / out_proj), i.e. three A
