@@ -30,7 +30,8 @@ def attention(q, k, v):
   if jax.default_backend() != "cpu" or tokens < _MIN_GROUPED_TOKENS:
     return _attention(q, k, v)
   # Groups never straddle two devices' rows of a batch sharded over all of them: [shards, images per shard, ...].
-  shards = jax.device_count() if batch % jax.device_count() == 0 else 1
+  devices = jax.device_count()
+  shards = devices if batch % devices == 0 else 1
   per_shard = batch // shards
   groups = per_shard // group_size(per_shard, heads * tokens * k.shape[2] * 4)
   split = lambda x: jnp.split(x.reshape(shards, per_shard, *x.shape[1:]), groups, axis=1)

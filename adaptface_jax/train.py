@@ -129,9 +129,14 @@ def data_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch): parameters on every device, batches split along the "data" axis."""
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
 def jit_train_step(model, tx, schedule, loss_config, mesh: Mesh):
   """The train step jitted for `mesh`: state and frozen replicated, the batch sharded; the state is donated."""
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated, batch_sharding = shardings(mesh)
   return jax.jit(make_train_step(model, tx, schedule, loss_config), donate_argnums=0,
                  in_shardings=(replicated, replicated, batch_sharding), out_shardings=(replicated, replicated))
 
@@ -184,8 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"data.batch_size {config.data.batch_size} must be a multiple of the {mesh.size} devices it "
                      "is sharded over")
   log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  replicated, batch_sharding = shardings(mesh)
   state = jax.device_put(state, replicated)
   frozen = jax.device_put(frozen, replicated)
   step_fn = jit_train_step(model, tx, schedule, config.loss, mesh)

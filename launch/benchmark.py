@@ -95,7 +95,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from adaptface_jax import evaluation, face_model, hf_weights, partition, preprocess, runtime, train  # noqa: E402
 from adaptface_jax.vit import ViTConfig  # noqa: E402
@@ -269,13 +268,13 @@ class OursStack:
     model, state, frozen, tx, schedule = train.setup(config, NUM_CLASSES, steps=1000)
     # As in training: parameters replicated and the batch sharded over every device (on CPU, one per core).
     mesh = train.data_mesh()
-    replicated = NamedSharding(mesh, P())
+    replicated, batch_sharding = train.shardings(mesh)
     state, frozen = jax.device_put((state, frozen), replicated)
     self.vit: ViTConfig = model.vit
     self.backbone_source = config.model.backbone  # the preset name; the reference is built from the same one
     self.num_domains = model.num_domains
     self.trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(state.trainable)))
-    self.batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    self.batch = jax.device_put(batch, batch_sharding)
     self.frozen = frozen
     # Separate copies: the train step donates (and so deletes) the state's buffers.
     variables = partition.merge(jax.tree.map(jnp.copy, state.trainable), frozen)
@@ -436,7 +435,7 @@ def pin_threads(threads: int | None) -> int:
 def run(args) -> dict:
   threads = pin_threads(args.threads)
   settings = select_settings(all_settings(args.quick), args.settings)
-  cpu_devices = runtime.use_cpu_devices(math.gcd(*(s.batch_size for s in settings)))
+  runtime.use_cpu_devices(math.gcd(*(s.batch_size for s in settings)))
   load_before = os.getloadavg()
   torch_device = None
   if args.reference:
