@@ -52,6 +52,7 @@ class FaceModel(nn.Module):
   router_dropout: float = 0.1
   use_projection: bool = False  # CLIP: take the 512-d visual_projection output as the feature
   dtype: Any = jnp.float32
+  remat: str = ""  # see vit.REMAT_POLICIES
 
   @property
   def num_domains(self) -> int:
@@ -64,7 +65,7 @@ class FaceModel(nn.Module):
       raise ValueError(f"router input {self.router_input!r} not in {ROUTER_INPUTS}")
     if self.use_projection and not self.vit.projection_dim:
       raise ValueError("use_projection needs a CLIP checkpoint with visual_projection (a full CLIPModel)")
-    self.backbone = ViT(self.vit, spec=self.spec, dtype=self.dtype)
+    self.backbone = ViT(self.vit, spec=self.spec, dtype=self.dtype, remat=self.remat)
     if self.num_domains > 1 and self.router_mode == "learned":
       self.router = Router(self.num_domains, self.router_hidden, self.router_dropout)
     self.head = nn.Dense(self.embedding_dim, name="head")
@@ -125,7 +126,8 @@ def create_model(config: ml_collections.ConfigDict, vit_config: ViTConfig | None
   return FaceModel(vit=vit_config, spec=adapter_spec(config), image_size=m.image_size,
                    embedding_dim=m.embedding_dim, router_mode=config.router.mode, router_input=config.router.input,
                    router_hidden=config.router.hidden, router_dropout=config.router.dropout,
-                   use_projection=m.use_projection, dtype=DTYPES[m.dtype])
+                   use_projection=m.use_projection, dtype=DTYPES[m.dtype],
+                   remat=m.get("remat", ""))  # runs saved before the option have no remat field
 
 
 def init_variables(model: FaceModel, rng, num_classes: int | None, *, input_size: int = 112) -> dict:

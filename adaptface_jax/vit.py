@@ -20,6 +20,11 @@ from adaptface_jax.attention import attention
 from adaptface_jax.lora import QKV_SLICES, AdaptedDense, AdapterSpec
 
 FAMILIES = ("dinov2", "clip")
+# Rematerialisation of each block in the backward pass (`ViT.remat`): what the forward keeps for the backward.
+#   ""      nothing recomputed (fastest; activations of every block stay in memory)
+#   "dots"  keeps the linear layers' outputs, recomputes attention and the elementwise ops (LayerNorm, GELU)
+#   "full"  keeps only each block's input and recomputes the whole block (least memory, one more forward)
+REMAT_POLICIES = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +191,7 @@ class Block(nn.Module):
       self.ls1 = self.param("ls1", init, (c.hidden_size,), jnp.float32)
       self.ls2 = self.param("ls2", init, (c.hidden_size,), jnp.float32)
 
-  def __call__(self, x, domain_weights, adapters_enabled, deterministic, cls_only=False):
+  def __call__(self, x, domain_weights, adapters_enabled, deterministic, cls_only):
     """cls_only: return the CLS token's output only ([B, 1, D]); the other tokens still serve as keys/values."""
     c = self.config
     kw = dict(adapters_enabled=adapters_enabled, deterministic=deterministic)
@@ -218,6 +223,7 @@ class ViT(nn.Module):
   config: ViTConfig
   spec: AdapterSpec | None = None
   dtype: Any = jnp.float32
+  remat: str = ""  # a key of REMAT_POLICIES, or "" (none): memory for compute on large batches
 
   def setup(self):
     c = self.config
@@ -233,7 +239,13 @@ class ViT(nn.Module):
     if c.family == "clip":
       self.pre_norm = norm(name="pre_norm")
     self.final_norm = norm(name="final_norm")  # DINOv2 `layernorm`; CLIP `post_layernorm` on the pooled CLS
-    self.blocks = [Block(c, self.spec, self.dtype, name=f"blocks_{i}") for i in range(c.num_layers)]
+    block = Block
+    if self.remat:
+      if self.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)} (or '' for none)")
+      # adapters_enabled, deterministic and cls_only are Python booleans (argument 0 is the module).
+      block = nn.remat(Block, static_argnums=(3, 4, 5), policy=REMAT_POLICIES[self.remat])
+    self.blocks = [block(c, self.spec, self.dtype, name=f"blocks_{i}") for i in range(c.num_layers)]
     if c.projection_dim:
       self.projection = self.param("projection", nn.initializers.lecun_normal(), (d, c.projection_dim), jnp.float32)
 
@@ -279,7 +291,7 @@ class ViT(nn.Module):
     if c.family == "clip":
       x = self.pre_norm(x)
     for i, block in enumerate(self.blocks):
-      x = block(x, domain_weights, adapters_enabled, deterministic, cls_only=pooled_only and i == c.num_layers - 1)
+      x = block(x, domain_weights, adapters_enabled, deterministic, pooled_only and i == c.num_layers - 1)
     if c.family == "dinov2":
       last = self.final_norm(x)
       pooled = last[:, 0]

@@ -47,6 +47,7 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
       embedding_dim=512,
       use_projection=False,  # CLIP only: use the 512-d visual_projection output as the feature
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+      remat="",  # recompute blocks in the backward to fit larger batches: "" (off) | "dots" | "full"
   ))
   c.adapter = ml_collections.ConfigDict(dict(
       rank=16, alpha=16.0, num_domains=DEFAULT_DOMAINS if adapter == "dalora" else 1,

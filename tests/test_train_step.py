@@ -1,14 +1,16 @@
 """The jitted train step: only the trainable subtree moves, the optimizer never sees frozen leaves, the loss
 falls, and the data-parallel step on 8 simulated devices matches the single-device one."""
 
+import json
 import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 
-from adaptface_jax import partition, train
+from adaptface_jax import hf_weights, partition, train
 from configs import common
 
 
@@ -106,3 +108,37 @@ def test_bfloat16_compute_keeps_float32_parameters_and_learns():
   state, _, _, losses = run_steps(config, 15, fixed_batch())
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.trainable))
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_remat_keeps_parameter_paths_and_gradients_and_saves_memory(tmp_path):
+  # 8 blocks: remat pays off when many blocks' activations would otherwise wait for the backward.
+  arch = dict(hf_weights.PRESETS["tiny-dinov2"], num_hidden_layers=8)
+  (tmp_path / "config.json").write_text(json.dumps(arch))
+  batch = fixed_batch(batch=16)
+  grads, temp_bytes, paths = {}, {}, {}
+  for remat in ("", "dots", "full"):
+    config = tiny_config()
+    config.model.backbone = str(tmp_path)
+    config.model.remat = remat
+    model, state, frozen, _, _ = train.setup(config, num_classes=4, steps=1)
+    paths[remat] = set(partition.flatten(partition.merge(state.trainable, frozen)))
+    grad_fn = jax.jit(jax.grad(lambda t, f, b: train.loss_fn(t, f, b, jax.random.PRNGKey(1), model=model,
+                                                             loss_config=config.loss)[0]))
+    compiled = grad_fn.lower(state.trainable, frozen, batch).compile()
+    temp_bytes[remat] = compiled.memory_analysis().temp_size_in_bytes
+    grads[remat] = partition.flatten(compiled(state.trainable, frozen, batch))
+  # The same variables (checkpoints and HF weights load unchanged), the same gradients to float tolerance.
+  assert paths["dots"] == paths["full"] == paths[""]
+  for remat in ("dots", "full"):
+    for key, value in grads[""].items():
+      np.testing.assert_allclose(grads[remat][key], value, atol=1e-6, rtol=1e-5, err_msg=f"{remat}: {key}")
+  # Fewer activations kept for the backward: less scratch memory in the compiled gradient (XLA:CPU's buffer
+  # assignment; measured 12.6 MB without remat, 10.3 with dots, 11.1 with full).
+  assert max(temp_bytes["dots"], temp_bytes["full"]) < 0.95 * temp_bytes[""], temp_bytes
+
+
+def test_unknown_remat_policy_is_rejected():
+  config = tiny_config()
+  config.model.remat = "blocks"
+  with pytest.raises(ValueError, match="remat 'blocks'"):
+    train.setup(config, num_classes=4, steps=1)
