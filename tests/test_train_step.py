@@ -1,5 +1,6 @@
 """The jitted train step: only the trainable subtree moves, the optimizer never sees frozen leaves, the loss
-falls, and the data-parallel step on 8 simulated devices matches the single-device one."""
+falls, the data-parallel step on 8 simulated devices matches the single-device one, and rematerialised blocks give
+the same gradients for less memory."""
 
 import json
 import os
