@@ -143,17 +143,17 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last") 
   _override_eval(config)
   trainable, frozen = partition.split(variables, config.trainable)
   print(f"evaluating {workdir} at step {meta['step']}", file=sys.stderr)
-  return evaluation.Evaluator(config, model, frozen, train.data_mesh())(trainable)
+  return evaluation.Evaluator(config, model, frozen, partition.data_mesh())(trainable)
 
 
 def evaluate_untuned(config, init: str | None) -> dict[str, dict]:
-  from adaptface_jax import evaluation, train
+  from adaptface_jax import evaluation, partition, train
   with config.unlocked():
     if init:
       config.model.backbone, config.model.random_init = init, False
   _override_eval(config)
   model, state, frozen, _, _ = train.setup(config, num_classes=None, steps=1)
-  return evaluation.Evaluator(config, model, frozen, train.data_mesh(), output="feature")(state.trainable)
+  return evaluation.Evaluator(config, model, frozen, partition.data_mesh(), output="feature")(state.trainable)
 
 
 if __name__ == "__main__":

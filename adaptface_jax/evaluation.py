@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from adaptface_jax import partition, verification
@@ -40,7 +40,7 @@ def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains
   domains = np.full((n,), -1, np.int32) if domains is None else domains.astype(np.int32)
   if mesh is not None:  # the batch must split evenly over the devices
     batch_size = -(-batch_size // mesh.size) * mesh.size
-  sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+  sharding = partition.shardings(mesh)[1] if mesh is not None else None
   outputs = []
   for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
     chunk, dom = images[start:start + batch_size], domains[start:start + batch_size]
@@ -120,7 +120,7 @@ class Evaluator:
     variables = partition.merge(trainable, self.frozen)
     variables = {k: v for k, v in variables.items() if k != "margin"}
     if self.mesh is not None:  # replicated over the devices that share each batch (a no-op when they already are)
-      variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
+      variables = jax.device_put(variables, partition.shardings(self.mesh)[0])
     results = {}
     for name, (images, issame, domains) in self.benchmarks.items():
       emb, emb_flip, weights = extract(self.embed_fn, variables, images, batch_size=self.config.eval.batch_size,

@@ -4,6 +4,9 @@
 the whole variable tree (`params/backbone/blocks_0/qkv/kernel`, `lora/...`, `margin/centers`); the first match wins
 and a leaf that no rule matches is an error. What is differentiated, what the optimizer sees, what is checkpointed
 and what `inspect` marks trainable all come from `split` below.
+
+Across devices, data parallelism: `data_mesh()` puts every device on one "data" axis, and `shardings(mesh)` gives
+the placements that training, evaluation and the benchmarks share: variables replicated, batches split.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MODES = ("train", "freeze")
 
@@ -79,3 +84,13 @@ def summary(tree: Mapping, rules) -> dict:
   trainable = sum(l["count"] for l in leaves if l["trainable"])
   return dict(total=total, trainable=trainable, frozen=total - trainable,
               trainable_percent=100.0 * trainable / max(total, 1), subtrees=subtrees, leaves=leaves)
+
+
+def data_mesh() -> Mesh:
+  """All devices on one "data" axis."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch): variables on every device, batches split along the "data" axis."""
+  return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))

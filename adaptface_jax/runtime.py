@@ -60,6 +60,11 @@ def use_tcmalloc() -> None:
   os.execve(sys.executable, sys.orig_argv, env)
 
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity, where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def use_cpu_devices(batch_size: int | None = None) -> int:
   """Makes XLA:CPU present one device per core this process may use, at most 8 (each device holds its own copy
   of the weights; ADAPTFACE_CPU_DEVICES overrides), lowered to a divisor of `batch_size` so that a batch splits
@@ -69,8 +74,7 @@ def use_cpu_devices(batch_size: int | None = None) -> int:
   wanted = os.environ.get(_CPU_DEVICES)
   if wanted is not None and not (wanted.isdigit() and int(wanted) >= 1):
     raise ValueError(f"{_CPU_DEVICES}={wanted!r}: expected a positive integer")
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-  count = int(wanted) if wanted else min(cores, _MAX_CPU_DEVICES)
+  count = int(wanted) if wanted else min(usable_cpus(), _MAX_CPU_DEVICES)
   if batch_size:
     count = max(d for d in range(1, count + 1) if batch_size % d == 0)
   jax.config.update("jax_num_cpu_devices", count)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from adaptface_jax import checkpoints, face_model, hf_weights, losses, optim, partition
 from adaptface_jax.data.synthetic import DOMAIN_NAMES
@@ -124,19 +124,9 @@ def total_steps(config, num_examples: int) -> int:
   return int(config.num_epochs * num_examples // config.data.batch_size)
 
 
-def data_mesh() -> Mesh:
-  """All devices on one "data" axis: parameters are replicated, batches sharded."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
-  """(replicated, batch): parameters on every device, batches split along the "data" axis."""
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-
 def jit_train_step(model, tx, schedule, loss_config, mesh: Mesh):
   """The train step jitted for `mesh`: state and frozen replicated, the batch sharded; the state is donated."""
-  replicated, batch_sharding = shardings(mesh)
+  replicated, batch_sharding = partition.shardings(mesh)
   return jax.jit(make_train_step(model, tx, schedule, loss_config), donate_argnums=0,
                  in_shardings=(replicated, replicated, batch_sharding), out_shardings=(replicated, replicated))
 
@@ -184,12 +174,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  mesh = data_mesh()
+  mesh = partition.data_mesh()
   if config.data.batch_size % mesh.size:
     raise ValueError(f"data.batch_size {config.data.batch_size} must be a multiple of the {mesh.size} devices it "
                      "is sharded over")
   log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())
-  replicated, batch_sharding = shardings(mesh)
+  replicated, batch_sharding = partition.shardings(mesh)
   state = jax.device_put(state, replicated)
   frozen = jax.device_put(frozen, replicated)
   step_fn = jit_train_step(model, tx, schedule, config.loss, mesh)

@@ -13,7 +13,6 @@ import argparse
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptface_jax import attention, runtime, train
+from adaptface_jax import attention, partition, runtime
 from launch.bench_adapter import timed
 
 SETTINGS = {"vit_s14_112": (64, 6, 65, 64), "vit_s14_224": (32, 6, 257, 64), "vit_b16_224": (16, 12, 197, 64)}
@@ -33,7 +32,7 @@ def torch_sdpa_seconds(q, k, v, backward: bool, repeats: int) -> float | None:
     import torch
   except ImportError:
     return None
-  torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+  torch.set_num_threads(runtime.usable_cpus())
   q, k, v = (torch.from_numpy(np.array(x)).requires_grad_(backward) for x in (q, k, v))
 
   def run():
@@ -43,13 +42,7 @@ def torch_sdpa_seconds(q, k, v, backward: bool, repeats: int) -> float | None:
       with torch.no_grad():
         torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
 
-  run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return timed(run, repeats=repeats)  # run() returns None, which timed's jax.block_until_ready passes through
 
 
 def main():
@@ -58,7 +51,7 @@ def main():
   args = parser.parse_args()
   runtime.use_tcmalloc()
   runtime.use_cpu_devices(math.gcd(*(batch for batch, *_ in SETTINGS.values())))
-  batch_sharding = train.shardings(train.data_mesh())[1]
+  batch_sharding = partition.shardings(partition.data_mesh())[1]
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
   print(f"{'setting':<12} {'pass':<9} {'textbook GFLOP/s':>17} {'ours GFLOP/s':>13} {'speed-up':>9} "
         f"{'torch sdpa GFLOP/s':>19}")

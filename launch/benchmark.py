@@ -267,8 +267,8 @@ class OursStack:
                                                                                EMBEDDING_DIM)
     model, state, frozen, tx, schedule = train.setup(config, NUM_CLASSES, steps=1000)
     # As in training: parameters replicated and the batch sharded over every device (on CPU, one per core).
-    mesh = train.data_mesh()
-    replicated, batch_sharding = train.shardings(mesh)
+    mesh = partition.data_mesh()
+    replicated, batch_sharding = partition.shardings(mesh)
     state, frozen = jax.device_put((state, frozen), replicated)
     self.vit: ViTConfig = model.vit
     self.backbone_source = config.model.backbone  # the preset name; the reference is built from the same one
