@@ -1,12 +1,13 @@
 """Face-verification evaluation from the command line.
 
   python -m adaptface_jax.evaluate --workdir DIR [--step N | --best] [--benchmarks lfw,cfp_fp] [--bin_dir PATH]
-  python -m adaptface_jax.evaluate --config configs/lora_dino.py [--init HUB_ID_OR_SNAPSHOT] [--out_dir DIR]
+  python -m adaptface_jax.evaluate --config configs/lora_dino.py [--backbone HUB_ID_OR_SNAPSHOT] [--out_dir DIR]
   python -m adaptface_jax.evaluate --embeddings pairs.npz [--name lfw] [--json] [--out_dir DIR]
 
---workdir evaluates a training run's checkpoint (latest by default) and writes the result files into the workdir.
+--workdir evaluates a training run's checkpoint (latest by default) and writes the result files into
+WORKDIR/eval_step{N} (N: the checkpoint's step; results.json records it), never over the run's own results.json.
 --config (no training) evaluates the un-tuned backbone's own feature (the pooled output, no head, no adapters):
-the "no fine-tuning" baseline row; --init replaces the config's backbone source.
+the "no fine-tuning" baseline row; --backbone replaces the config's backbone source.
 
 The .npz holds `embeddings` [2P, D] (raw, rows in pair order a0, b0, a1, b1, ...), `issame` [P] (bool or 0/1) and
 optionally `embeddings_flip` [2P, D] (raw embeddings of the horizontally flipped images, same order). The
@@ -33,12 +34,15 @@ _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "An .npz with embeddings [
                                   "embeddings_flip [2P, D]: evaluate these precomputed embeddings.")
 _NAME = flags.DEFINE_string("name", None, "Benchmark name for --embeddings (default: the file's stem).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per benchmark (a line each) instead of the table.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Also write results.json, results.md and roc.png here.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Also write results.json, results.md and roc.png here (with "
+                               "--workdir, by default WORKDIR/eval_step{N}).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: evaluate its checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BEST = flags.DEFINE_bool("best", False, "Evaluate the best checkpoint (by config.eval.best_metric).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: evaluate its un-tuned backbone.")
-_INIT = flags.DEFINE_string("init", None, "With --config: backbone hub id or snapshot directory to evaluate.")
+_BACKBONE = flags.DEFINE_string("backbone", None, "With --config: the backbone to evaluate (hub id or snapshot "
+                                "directory; sets model.backbone).")
+flags.DEFINE_alias("init", "backbone")  # the flag's former name
 _BENCHMARKS = flags.DEFINE_list("benchmarks", None, "Benchmarks (default: the config's eval.benchmarks).")
 _BIN_DIR = flags.DEFINE_string("bin_dir", None, "Folder of the .bin files (default: the config's eval.bin_dir).")
 _MAX_PAIRS = flags.DEFINE_integer("max_pairs", None, "Evaluate a balanced subset of this many pairs.")
@@ -93,7 +97,7 @@ def evaluate_embeddings_file(path: str | Path, name: str | None = None) -> dict[
   return {name: result}
 
 
-def report(results: dict[str, dict], *, as_json: bool, out_dir: str | None) -> None:
+def report(results: dict[str, dict], *, as_json: bool, out_dir: str | None, extra: dict | None = None) -> None:
   """Prints the table (or JSON lines) and writes the result files."""
   table = verification.format_table(results)
   if as_json:
@@ -103,7 +107,7 @@ def report(results: dict[str, dict], *, as_json: bool, out_dir: str | None) -> N
   else:
     print(table)
   if out_dir:
-    paths = verification.write_results(out_dir, results)
+    paths = verification.write_results(out_dir, results, extra=extra)
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
 
 
@@ -111,20 +115,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # One mode per source of embeddings; each returns {benchmark: result}.
-  out_dir = _OUT_DIR.value
+  out_dir, extra = _OUT_DIR.value, None
   try:
     if _EMBEDDINGS.value:
       results = evaluate_embeddings_file(_EMBEDDINGS.value, _NAME.value)
     elif _WORKDIR.value:
-      results = evaluate_run(_WORKDIR.value, step=_STEP.value, which="best" if _BEST.value else "last")
-      out_dir = out_dir or _WORKDIR.value
+      results, step = evaluate_run(_WORKDIR.value, step=_STEP.value, which="best" if _BEST.value else "last")
+      out_dir, extra = out_dir or str(Path(_WORKDIR.value).expanduser() / f"eval_step{step}"), {"step": step}
     elif _CONFIG.value is not None:
-      results = evaluate_untuned(_CONFIG.value, _INIT.value)
+      results = evaluate_untuned(_CONFIG.value, _BACKBONE.value)
     else:
       raise app.UsageError("nothing to evaluate: give --workdir DIR, --config FILE or --embeddings FILE.npz")
   except (ValueError, FileNotFoundError, RuntimeError) as error:
     sys.exit(f"error: {error}")
-  report(results, as_json=_JSON.value, out_dir=out_dir)
+  report(results, as_json=_JSON.value, out_dir=out_dir, extra=extra)
 
 
 def _override_eval(config) -> None:
@@ -137,20 +141,21 @@ def _override_eval(config) -> None:
       config.eval.max_pairs = _MAX_PAIRS.value
 
 
-def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last") -> dict[str, dict]:
+def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last") -> tuple[dict[str, dict], int]:
+  """({benchmark: result}, the checkpoint's step)."""
   from adaptface_jax import evaluation, partition, train
   config, model, variables, meta = train.load_run(workdir, step=step, which=which)
   _override_eval(config)
   trainable, frozen = partition.split(variables, config.trainable)
   print(f"evaluating {workdir} at step {meta['step']}", file=sys.stderr)
-  return evaluation.Evaluator(config, model, frozen, partition.data_mesh())(trainable)
+  return evaluation.Evaluator(config, model, frozen, partition.data_mesh())(trainable), int(meta["step"])
 
 
-def evaluate_untuned(config, init: str | None) -> dict[str, dict]:
+def evaluate_untuned(config, backbone: str | None) -> dict[str, dict]:
   from adaptface_jax import evaluation, partition, train
   with config.unlocked():
-    if init:
-      config.model.backbone, config.model.random_init = init, False
+    if backbone:
+      config.model.backbone, config.model.random_init = backbone, False
   _override_eval(config)
   model, state, frozen, _, _ = train.setup(config, num_classes=None, steps=1)
   return evaluation.Evaluator(config, model, frozen, partition.data_mesh(), output="feature")(state.trainable)

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -35,7 +36,8 @@ def make_embed_fn(model, output: str = "embedding_raw"):
 
 def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains: np.ndarray | None = None,
             mesh: Mesh | None = None, desc: str = "embedding"):
-  """Runs `embed_fn` over all images in fixed-size batches (the last one padded: one compilation)."""
+  """Runs `embed_fn` over all images in fixed-size batches (the last one padded: one compilation). In a
+  multi-process run every process passes all the images and gets all the embeddings back."""
   n = len(images)
   domains = np.full((n,), -1, np.int32) if domains is None else domains.astype(np.int32)
   if mesh is not None:  # the batch must split evenly over the devices
@@ -48,14 +50,17 @@ def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
       dom = np.concatenate([dom, np.full((pad,), -1, np.int32)])
-    chunk, dom = (jax.device_put(chunk, sharding), jax.device_put(dom, sharding)) if sharding else (chunk, dom)
-    result = jax.device_get(embed_fn(variables, chunk, dom))
+    chunk, dom = (partition.put(chunk, sharding), partition.put(dom, sharding)) if sharding else (chunk, dom)
+    # Sharded over other processes' devices too, an output is only readable here once gathered.
+    result = [np.asarray(r) if r.is_fully_addressable else multihost_utils.process_allgather(r, tiled=True)
+              for r in embed_fn(variables, chunk, dom)]
     outputs.append([r[:len(r) - pad] for r in result])
   return tuple(np.concatenate(parts) for parts in zip(*outputs))
 
 
 def benchmark_paths(config) -> dict[str, Path]:
-  """name -> .bin path for config.eval.benchmarks; the synthetic world's own files when bin_dir is unset."""
+  """name -> .bin path for config.eval.benchmarks; when bin_dir is unset, the files of the synthetic world
+  config.eval.world (default: the training set's own world)."""
   names = list(config.eval.benchmarks)
   if config.eval.bin_dir:
     root = Path(config.eval.bin_dir).expanduser()
@@ -68,7 +73,8 @@ def benchmark_paths(config) -> dict[str, Path]:
           "`:demo` config (synthetic benchmarks).")
     return paths
   from adaptface_jax.data import tfds_builders
-  world = tfds_builders.synthetic_world_for(config.data.train, data_dir=config.data.data_dir or None)
+  world = tfds_builders.synthetic_world_for(config.eval.get("world") or config.data.train,
+                                            data_dir=config.data.data_dir or None)
   unknown = [n for n in names if n not in world["benchmarks"]]
   if unknown:
     raise ValueError(f"benchmarks {unknown} are not in the synthetic world (it has {sorted(world['benchmarks'])}); "
@@ -116,11 +122,11 @@ class Evaluator:
       self.domain_names = list(DOMAIN_NAMES) if model.num_domains == len(DOMAIN_NAMES) else [
           f"domain_{k}" for k in range(model.num_domains)]
 
-  def __call__(self, trainable, out_dir: Path | None = None) -> dict:
+  def __call__(self, trainable, out_dir: Path | None = None, *, step: int | None = None) -> dict:
     variables = partition.merge(trainable, self.frozen)
     variables = {k: v for k, v in variables.items() if k != "margin"}
     if self.mesh is not None:  # replicated over the devices that share each batch (a no-op when they already are)
-      variables = jax.device_put(variables, partition.shardings(self.mesh)[0])
+      variables = partition.put(variables, partition.shardings(self.mesh)[0])
     results = {}
     for name, (images, issame, domains) in self.benchmarks.items():
       emb, emb_flip, weights = extract(self.embed_fn, variables, images, batch_size=self.config.eval.batch_size,
@@ -133,5 +139,5 @@ class Evaluator:
       results[name] = result
       log.info("%s: accuracy %.4f +- %.4f", name, result["accuracy"], result["accuracy_std"])
     if out_dir is not None and jax.process_index() == 0:
-      verification.write_results(out_dir, results)
+      verification.write_results(out_dir, results, extra=None if step is None else {"step": step})
     return results

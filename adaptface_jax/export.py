@@ -85,8 +85,9 @@ def export_run(workdir: str, out: str, step: int | None = None) -> Path:
                       model.spec.scale if model.spec else 1.0)
   save_file(hf_weights.to_hf_tensors(merged, model.vit), out / "model.safetensors", metadata={"format": "pt"})
   (out / "config.json").write_text(json.dumps(_hf_config(model.vit), indent=2))
-  (out / "adaptface_head.json").write_text(json.dumps({"step": meta["step"], "note": (
-      "merged backbone only; the embedding head (params/head) is not part of the HuggingFace model")}))
+  if model.embedding_dim:  # a run without a head (pretraining) exports all it trained
+    (out / "adaptface_head.json").write_text(json.dumps({"step": meta["step"], "note": (
+        "merged backbone only; the embedding head (params/head) is not part of the HuggingFace model")}))
   return out
 
 

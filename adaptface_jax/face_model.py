@@ -3,7 +3,7 @@
 Variable tree (the API; `inspect` prints it):
   params/backbone/...   pretrained ViT weights (frozen by the default rules)
   params/router/...     domain classifier (DA-LoRA with learned routing)
-  params/head/...       embedding projection d -> embedding_dim
+  params/head/...       embedding projection d -> embedding_dim (absent when embedding_dim is 0)
   lora/backbone/...     the adapter deltas, mirroring the paths of the layers they adapt
 The margin-loss class centres live beside it as margin/centers (see `train.py`).
 """
@@ -45,7 +45,7 @@ class FaceModel(nn.Module):
   vit: ViTConfig
   spec: AdapterSpec | None
   image_size: int
-  embedding_dim: int = 512
+  embedding_dim: int = 512  # 0: no head, the embedding is the backbone feature itself (pretraining)
   router_mode: str = "learned"
   router_input: str = "frozen_cls"
   router_hidden: int = 256
@@ -53,6 +53,13 @@ class FaceModel(nn.Module):
   use_projection: bool = False  # CLIP: take the 512-d visual_projection output as the feature
   dtype: Any = jnp.float32
   remat: str = ""  # see vit.REMAT_POLICIES
+
+  @property
+  def output_dim(self) -> int:
+    """Width of the embedding (and of the margin-loss class centres)."""
+    if self.embedding_dim:
+      return self.embedding_dim
+    return self.vit.projection_dim if self.use_projection else self.vit.hidden_size
 
   @property
   def num_domains(self) -> int:
@@ -68,7 +75,7 @@ class FaceModel(nn.Module):
     self.backbone = ViT(self.vit, spec=self.spec, dtype=self.dtype, remat=self.remat)
     if self.num_domains > 1 and self.router_mode == "learned":
       self.router = Router(self.num_domains, self.router_hidden, self.router_dropout)
-    self.head = nn.Dense(self.embedding_dim, name="head")
+    self.head = nn.Dense(self.embedding_dim, name="head") if self.embedding_dim else None
 
   def route(self, images, domain_labels, deterministic):
     """Per-image domain logits (or None) and mixing weights [B, K] (None for plain LoRA)."""
@@ -100,9 +107,10 @@ class FaceModel(nn.Module):
     logits, weights = self.route(x, domain_labels, deterministic=not train)
     out = self.backbone(x, weights, deterministic=not train, pooled_only=True)
     feature = out["image_embeds"] if self.use_projection else out["pooler_output"]
-    raw = self.head(feature.astype(jnp.float32))
+    feature = feature.astype(jnp.float32)
+    raw = self.head(feature) if self.head is not None else feature
     # The verification protocol sums raw embeddings of an image and its flip before normalising.
-    return {"embedding": losses.l2_normalize(raw), "embedding_raw": raw, "feature": feature.astype(jnp.float32),
+    return {"embedding": losses.l2_normalize(raw), "embedding_raw": raw, "feature": feature,
             "domain_logits": logits, "domain_weights": weights}
 
 
@@ -118,7 +126,7 @@ def create_model(config: ml_collections.ConfigDict, vit_config: ViTConfig | None
   """The FaceModel a config describes; the architecture is read without loading any weights."""
   m = config.model
   if vit_config is None:
-    vit_config = ViTConfig.from_hf(hf_weights.read_architecture(m.backbone)[0])
+    vit_config = ViTConfig.from_hf(hf_weights.read_architecture(m.backbone, random_init=m.get("random_init", False))[0])
   if not m.use_projection:
     vit_config = dataclasses.replace(vit_config, projection_dim=None)
   if m.dtype not in DTYPES:
@@ -137,5 +145,5 @@ def init_variables(model: FaceModel, rng, num_classes: int | None, *, input_size
   images = jnp.zeros((1, input_size, input_size, 3), jnp.uint8)
   tree = dict(model.init({"params": model_rng}, images, jnp.zeros((1,), jnp.int32)))
   if num_classes:
-    tree["margin"] = {"centers": losses.init_class_centers(margin_rng, model.embedding_dim, num_classes)}
+    tree["margin"] = {"centers": losses.init_class_centers(margin_rng, model.output_dim, num_classes)}
   return tree

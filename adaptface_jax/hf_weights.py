@@ -1,7 +1,8 @@
 """HuggingFace checkpoints <-> Flax parameters of `adaptface_jax.vit.ViT`.
 
-`load_backbone(source)` accepts a hub id, a local snapshot directory (config.json + model.safetensors or
-pytorch_model.bin) or a directory that contains one (e.g. a HF cache folder). Keys are mapped from the checkpoint
+`load_backbone(source)` accepts a local snapshot directory (config.json + model.safetensors or pytorch_model.bin),
+a directory that contains one (e.g. a HF cache folder) or a hub id, resolved by `huggingface_hub.snapshot_download`:
+the HF cache (`$HF_HOME/hub`) first, then the hub unless HF_HUB_OFFLINE=1. Keys are mapped from the checkpoint
 file's own names (the names `save_pretrained` writes), never from a live PyTorch module. Every target leaf must be
 filled, every source key used or explicitly ignored, every shape checked; all problems are reported together.
 """
@@ -39,6 +40,13 @@ PRESETS: dict[str, dict] = {
     "tiny-dinov2": dict(model_type="dinov2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         mlp_ratio=4, patch_size=14, image_size=518, layerscale_value=1.0, layer_norm_eps=1e-6,
                         hidden_act="gelu"),
+    # The synthetic-pretrained backbones' architectures (configs/pretrain.py): the two families at width 192, 6 blocks.
+    "synthface-dinov2": dict(model_type="dinov2", hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+                             mlp_ratio=4, patch_size=14, image_size=112, layerscale_value=1.0, layer_norm_eps=1e-6,
+                             hidden_act="gelu"),
+    "synthface-clip": dict(model_type="clip_vision_model", hidden_size=192, intermediate_size=768,
+                           num_hidden_layers=6, num_attention_heads=3, patch_size=16, image_size=112,
+                           hidden_act="quick_gelu", layer_norm_eps=1e-5),
     "tiny-clip": dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, patch_size=16, image_size=224, hidden_act="quick_gelu",
                       layer_norm_eps=1e-5),
@@ -203,34 +211,92 @@ def find_snapshot(directory: Path) -> Path:
   raise ValueError(f"several snapshots under {directory}; point at one of: " + ", ".join(map(str, found)))
 
 
-def _download(hub_id: str) -> Path:
+# A hub repository id (`namespace/name`); anything else that is not a local path is a preset name or a mistake.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class BackboneUnavailableError(RuntimeError):
+  """A hub id whose snapshot is neither in the HuggingFace cache nor downloadable; the message says what to do."""
+
+
+def is_hub_id(source: str) -> bool:
+  return bool(_HUB_ID.match(source)) and ".." not in source
+
+
+def _hub_cache() -> str:
+  from huggingface_hub import constants
+  return str(constants.HF_HUB_CACHE)
+
+
+def _unavailable(hub_id: str, reason: str) -> BackboneUnavailableError:
+  return BackboneUnavailableError(
+      f"backbone {hub_id!r} is neither a local directory nor available from the HuggingFace cache ({_hub_cache()}) "
+      f"or hub: {reason.rstrip('.')}. To fix it: with network, rerun without HF_HUB_OFFLINE=1 (the snapshot is "
+      f"downloaded once into that cache) or fetch it first with `hf download {hub_id}`; without network, download "
+      f"the snapshot on another machine, copy the folder that holds config.json and model.safetensors here and pass "
+      f"its path with --config.model.backbone=/path/to/snapshot (load_backbone(path) in Python), or copy a whole "
+      f"HuggingFace cache and point HF_HOME at it; or run a `:demo` config (a random-initialised backbone on "
+      f"synthetic faces, nothing to download).")
+
+
+def _snapshot_download(hub_id: str, patterns: list[str]) -> Path:
+  # snapshot_download looks in the HF cache first and honours HF_HUB_OFFLINE; its many error types (offline,
+  # missing repo, auth, incomplete snapshot) all end in the same advice, given without the client's traceback.
+  from huggingface_hub import snapshot_download
   try:
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(hub_id, allow_patterns=["config.json", *WEIGHT_FILES]))
-  except Exception as e:  # the hub client raises many types for offline / auth / missing repos
-    raise RuntimeError(
-        f"could not fetch {hub_id!r} from the HuggingFace hub ({type(e).__name__}: {e}).\n"
-        f"Without network, download the snapshot elsewhere (e.g. `huggingface-cli download {hub_id}`), copy the "
-        f"folder holding config.json and model.safetensors here and pass its path instead of the hub id (in a "
-        f"config: --config.model.init=/path/to/snapshot), or use an explicitly random-initialised backbone "
-        f"(`:demo` configs, or load_backbone(..., random_init=True)).") from e
+    return Path(snapshot_download(hub_id, allow_patterns=patterns))
+  except Exception as error:  # noqa: BLE001
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    raise _unavailable(hub_id, f"{type(error).__name__}: {first_line}") from None
 
 
-def read_architecture(source: str) -> tuple[dict, Path | None]:
-  """(HF config dict, snapshot dir or None) for a preset name, a hub id or a local path, without weights."""
+def download_snapshot(hub_id: str) -> Path:
+  """The snapshot directory of a hub id with config.json and one weights file (from the HF cache when there)."""
+  snapshot = _snapshot_download(hub_id, ["config.json", WEIGHT_FILES[0]])
+  if not (snapshot / WEIGHT_FILES[0]).exists():  # older repositories hold only pytorch_model.bin
+    snapshot = _snapshot_download(hub_id, ["config.json", WEIGHT_FILES[1]])
+  if not (snapshot / "config.json").exists() or not any((snapshot / w).exists() for w in WEIGHT_FILES):
+    raise _unavailable(hub_id, f"its snapshot {snapshot} lacks config.json or the weights "
+                               f"({' or '.join(WEIGHT_FILES)})")
+  return snapshot
+
+
+def _local_snapshot(source: str) -> Path | None:
   path = Path(os.path.expanduser(source))
-  if path.exists():
-    snapshot = find_snapshot(path) if path.is_dir() else None
-    if snapshot is None:
-      raise ValueError(f"{source} is a file; pass the snapshot directory that holds config.json")
+  if not path.exists():
+    return None
+  if not path.is_dir():
+    raise ValueError(f"{source} is a file; pass the snapshot directory that holds config.json")
+  return find_snapshot(path)
+
+
+def _unknown_source(source: str) -> FileNotFoundError:
+  return FileNotFoundError(f"backbone source {source!r} is neither a local directory nor a hub id (namespace/name); "
+                           f"architectures known without weights (with random_init=True): {sorted(PRESETS)}")
+
+
+def read_architecture(source: str, *, random_init: bool = False) -> tuple[dict, Path | None]:
+  """(HF config dict, snapshot dir or None) of a local path, a hub id or a preset name, without reading weights.
+
+  A preset that is not a hub id (`tiny-dinov2`, ...) is answered from PRESETS, and so is every preset with
+  random_init=True, without asking the hub. Otherwise a hub id's config.json comes from the HF cache or the hub
+  (config.json only, never the weights); a hub id that is also a preset falls back to the preset when neither has
+  it, so that shapes (`inspect`) are known offline. Weights are never taken from a preset: see load_backbone.
+  """
+  snapshot = _local_snapshot(source)
+  if snapshot is not None:
     return json.loads((snapshot / "config.json").read_text()), snapshot
-  if source in PRESETS:
+  if source in PRESETS and (random_init or not is_hub_id(source)):
     return dict(PRESETS[source]), None
-  if "/" in source and not source.startswith((".", "/", "~")):
-    snapshot = _download(source)
+  if not is_hub_id(source):
+    raise _unknown_source(source)
+  try:
+    snapshot = _snapshot_download(source, ["config.json"])
     return json.loads((snapshot / "config.json").read_text()), snapshot
-  raise FileNotFoundError(f"backbone source {source!r} is neither a local directory nor a hub id "
-                          f"(known architectures: {sorted(PRESETS)})")
+  except (BackboneUnavailableError, FileNotFoundError):
+    if source in PRESETS:
+      return dict(PRESETS[source]), None
+    raise
 
 
 # --------------------------------------------------------------------------------------------------- backbone
@@ -268,18 +334,24 @@ def init_params(config: ViTConfig, seed: int = 0) -> dict:
 
 
 def load_backbone(source: str, *, random_init: bool = False, seed: int = 0) -> Backbone:
-  """Loads a DINOv2 / CLIP vision encoder from a hub id or a local snapshot.
+  """Loads a DINOv2 / CLIP vision encoder from a local snapshot or a hub id (HF cache first, then the hub).
 
-  random_init=True builds the same architecture with random weights (no weights are read or downloaded when
-  `source` is a known preset name); it is never chosen implicitly.
+  random_init=True builds the same architecture with random weights (no weights are read or downloaded; a
+  preset name needs no hub at all); it is never chosen implicitly.
   """
-  hf_config, snapshot = read_architecture(source)
-  config = ViTConfig.from_hf(hf_config)
   if random_init:
+    config = ViTConfig.from_hf(read_architecture(source, random_init=True)[0])
     return Backbone(config, init_params(config, seed), f"random-init:{source}")
+  snapshot = _local_snapshot(source)
   if snapshot is None:
-    raise ValueError(f"{source!r} names an architecture but no weights; pass a hub id or a snapshot directory, "
-                     "or ask for random_init=True explicitly")
+    if is_hub_id(source):
+      snapshot = download_snapshot(source)
+    elif source in PRESETS:
+      raise ValueError(f"{source!r} names an architecture but no weights; pass a hub id or a snapshot directory, "
+                       "or ask for random_init=True explicitly")
+    else:
+      raise _unknown_source(source)
+  config = ViTConfig.from_hf(json.loads((snapshot / "config.json").read_text()))
   tensors = _read_weights(snapshot)
   if config.family == "clip" and config.projection_dim and "visual_projection.weight" not in tensors:
     config = dataclasses.replace(config, projection_dim=None)

@@ -51,9 +51,13 @@ def l2_normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
 
 
 def _check_margins(scale: float, m1: float, m2: float, m3: float) -> tuple[float, float, float, float]:
-    # float() makes a traced margin fail here, loudly: the margins pick the code path, so they
-    # must be static Python numbers (config values), not arrays.
-    scale, m1, m2, m3 = float(scale), float(m1), float(m2), float(m3)
+    # float() makes a traced margin fail here, loudly: scale, m1 and m2 pick the code path, so they
+    # must be static Python numbers (config values). The cosine margin m3 is only subtracted, so it
+    # may also be a scalar array (a margin schedule, see train.loss_fn).
+    scale, m1, m2 = float(scale), float(m1), float(m2)
+    if isinstance(m3, jax.Array):
+        return scale, m1, m2, m3
+    m3 = float(m3)
     if not scale > 0:
         raise ValueError(f"margin scale must be > 0, got {scale}")
     if not m1 >= 1.0:

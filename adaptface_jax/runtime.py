@@ -14,6 +14,10 @@ spreads small operations poorly over the cores: the batched attention matmul [32
 runs at 89-92 GFLOP/s on one device of a 2-core machine and at 153-162 over two devices. DINOv2 ViT-S/14 LoRA
 train step, 112 px batch 64, same machine: 30-35 img/s on one device, 37-41 on two. At most 8 devices by default
 (each holds its own copy of the weights); ADAPTFACE_CPU_DEVICES=N sets the count (1: a single device).
+
+A multi-process run (several hosts, or several processes on one host) joins through `use_processes()`: each
+process then presents its own CPU devices, and XLA:CPU runs the collectives between processes over gloo (the
+default of jax_cpu_collectives_implementation: nothing to set).
 """
 
 from __future__ import annotations
@@ -79,3 +83,17 @@ def use_cpu_devices(batch_size: int | None = None) -> int:
     count = max(d for d in range(1, count + 1) if batch_size % d == 0)
   jax.config.update("jax_num_cpu_devices", count)
   return count
+
+
+def use_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                  process_id: int | None = None, batch_size: int | None = None) -> None:
+  """Joins a multi-process run with jax.distributed.initialize: the values given, else JAX_COORDINATOR_ADDRESS
+  and what JAX detects from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). On CPU, each process presents
+  `use_cpu_devices` devices for its share of `batch_size` (when num_processes is not given, the count divides the
+  whole batch; ADAPTFACE_CPU_DEVICES sets it). Must run before JAX's first computation."""
+  import jax
+
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  if batch_size and num_processes and batch_size % num_processes == 0:  # else the input pipeline refuses the batch
+    batch_size //= num_processes
+  use_cpu_devices(batch_size)

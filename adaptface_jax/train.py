@@ -7,7 +7,6 @@ no optimizer state ever exist for frozen weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -40,14 +39,21 @@ class TrainState:
   rng: jnp.ndarray  # raw uint32 key, folded with the step: the same randomness however a run was interrupted
 
 
-def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_config):
-  """Margin loss + weighted domain losses. Returns (total, metrics)."""
+def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_config, step=None):
+  """Margin loss + weighted domain losses. Returns (total, metrics).
+
+  With loss_config.margin_warmup_steps > 0 the cosine margin m3 grows linearly from 0 over that many steps (`step`):
+  a backbone trained from scratch first learns under a plain normalised softmax, then under the CosFace margin.
+  """
   variables = partition.merge(trainable, frozen)
   margin = variables.pop("margin")
   out = model.apply(variables, batch["image"], batch.get("domain"), train=True, rngs={"dropout": rng})
   c = loss_config
+  ramp = 1.0
+  if c.get("margin_warmup_steps", 0) and step is not None:
+    ramp = jnp.minimum(1.0, step / c.margin_warmup_steps)
   margin_value, aux = losses.margin_loss(out["embedding"], margin["centers"], batch["label"], scale=c.scale,
-                                         m1=c.m1, m2=c.m2, m3=c.m3)
+                                         m1=c.m1, m2=c.m2, m3=c.m3 * ramp)
   metrics = {"loss/margin": margin_value, "train_accuracy": aux["accuracy"]}
   total = margin_value
   if out["domain_weights"] is not None:
@@ -70,23 +76,14 @@ def make_train_step(model, tx, schedule, loss_config):
   def train_step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.trainable, frozen, batch, rng, model=model, loss_config=loss_config)
+    (_, metrics), grads = grad_fn(state.trainable, frozen, batch, rng, model=model, loss_config=loss_config,
+                                  step=state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["lr"] = schedule(state.step)
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
   return train_step
-
-
-def fingerprint(tree) -> str:
-  """sha256 of a tree's paths, shapes, dtypes and bytes: ties a checkpoint to the frozen weights it adapts."""
-  digest = hashlib.sha256()
-  for path, leaf in sorted(partition.flatten(jax.device_get(tree)).items()):
-    leaf = np.asarray(leaf)
-    digest.update(f"{path}:{leaf.shape}:{leaf.dtype};".encode())
-    digest.update(leaf.tobytes())
-  return digest.hexdigest()
 
 
 class _StopOnSigterm:
@@ -157,31 +154,35 @@ def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from `workdir` when it holds checkpoints), evaluates periodically, returns final metrics."""
+  """Trains (resuming from `workdir` when it holds checkpoints), evaluates periodically, returns the final metrics
+  of this session ({} for a run that was finished already: it is left as it is)."""
   run_start = time.perf_counter()
   workdir = Path(workdir).expanduser()
+  # Everything that can refuse the run (batch, data, backbone, checkpoints, benchmarks) is checked before the
+  # workdir is created or written: a refused command leaves no half-made workdir behind.
+  mesh = partition.data_mesh()
+  if config.data.batch_size <= 0 or config.data.batch_size % mesh.size:
+    raise ValueError(f"--config.data.batch_size={config.data.batch_size}: the global batch must be a positive "
+                     f"multiple of the {mesh.size} device(s) it is sharded over")
   num_examples, num_classes = _data_source(config)
   steps = total_steps(config, num_examples)
   model, state, frozen, tx, schedule = setup(config, num_classes, steps)
-  frozen_fingerprint = fingerprint(frozen)
+  frozen_fingerprint = checkpoints.fingerprint(frozen)
 
   manager = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     best_metric=config.eval.best_metric)
   restored = manager.restore_latest(state, expected_fingerprint=frozen_fingerprint)
   if restored is not None:
     state = restored
+    if int(state.step) >= steps:  # rerunning a finished command must not rewrite its summary or results
+      log.info("%s is finished (step %d of %d): nothing to do", workdir, int(state.step), steps)
+      manager.close()
+      return {}
     log.info("resumed from step %d", int(state.step))
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-  mesh = partition.data_mesh()
-  if config.data.batch_size % mesh.size:
-    raise ValueError(f"data.batch_size {config.data.batch_size} must be a multiple of the {mesh.size} devices it "
-                     "is sharded over")
   log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())
   replicated, batch_sharding = partition.shardings(mesh)
-  state = jax.device_put(state, replicated)
-  frozen = jax.device_put(frozen, replicated)
+  state = partition.put(state, replicated)
+  frozen = partition.put(frozen, replicated)
   step_fn = jit_train_step(model, tx, schedule, config.loss, mesh)
 
   from adaptface_jax.data import pipeline
@@ -194,6 +195,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = config.eval.every_steps or max(1, num_examples // config.data.batch_size)
   evaluator = _make_evaluator(config, model, frozen, mesh)
 
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
   last_metrics: dict = {}
   with _StopOnSigterm() as stop, metrics_log.progress(total=steps, initial=start) as bar:
@@ -224,11 +228,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.update(1)
       accuracies = None
       if evaluate_now:
-        accuracies = {name: r["accuracy"] for name, r in evaluator(state.trainable, workdir).items()}
+        accuracies = {name: r["accuracy"] for name, r in evaluator(state.trainable, workdir, step=done).items()}
         metrics_log.write(done, {f"eval/{name}": a for name, a in accuracies.items()})
         last_metrics.update({f"eval/{name}": a for name, a in accuracies.items()})
       if save_now:
-        manager.save(done, state, fingerprint=frozen_fingerprint, num_classes=num_classes, total_steps=steps,
+        manager.save(done, state, frozen_fingerprint=frozen_fingerprint, num_classes=num_classes, total_steps=steps,
                      metrics=accuracies)
       if stopping:
         log.warning("SIGTERM: checkpoint saved at step %d, exiting", done)
@@ -269,6 +273,6 @@ def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
     raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
   meta = manager.read_meta(step, which)
   model, state, frozen, _, _ = setup(config, meta["num_classes"], steps=max(int(meta.get("total_steps", 1)), 1))
-  state = manager.restore(state, step=step, which=which, expected_fingerprint=fingerprint(frozen))
+  state = manager.restore(state, step=step, which=which, expected_fingerprint=checkpoints.fingerprint(frozen))
   manager.close()
   return config, model, partition.merge(state.trainable, frozen), meta

@@ -1,7 +1,8 @@
 """Shared base of the experiment configs, and the argument grammar every config file accepts.
 
 `get_config(arg)` of each experiment file takes a comma-separated argument (big_vision style):
-  demo                  embedded synthetic faces, random-initialised backbone at 112 px, CPU-sized budget
+  demo                  embedded synthetic faces, the synthetic-pretrained backbone of the family (SYNTHETIC_BACKBONES)
+                        at 112 px, CPU-sized budget
   tiny                  a 2-layer ViT of the same family (tests and smoke runs)
   rank=8                LoRA rank (alpha follows: alpha = rank keeps scale 1, as in the recipe's r16/alpha16)
   domains=4             DA-LoRA domains K (1 = plain LoRA)
@@ -10,12 +11,19 @@
   routing=oracle        learned | uniform | oracle
   router_input=patch_mean   frozen_cls | patch_mean
   steps=200             total training steps (overrides the epoch budget)
+  seed=1                run seed (initialisation, data order, dropout)
 Everything else is a dotted override on the command line, e.g. --config.optim.lr=3e-4.
 """
+
+from pathlib import Path
 
 import ml_collections
 
 BACKBONES = {"dino": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch16"}
+# Backbones pretrained on the synthetic face world (configs/pretrain.py), shipped as transformers snapshots: what the
+# offline `demo` adapts. They have never seen a real face.
+SYNTHETIC_BACKBONES = {family: str(Path(__file__).resolve().parents[1] / "synthetic_backbones" / name)
+                       for family, name in (("dino", "dinov2_192x6"), ("clip", "clip_192x6"))}
 TINY_BACKBONES = {"dino": "tiny-dinov2", "clip": "tiny-clip"}
 STANDARD_BENCHMARKS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
 SYNTHETIC_BENCHMARKS = ("synth_lfw", "synth_cfp_fp", "synth_agedb")
@@ -24,7 +32,7 @@ DEFAULT_DOMAINS = 3
 
 
 def parse_arg(arg: str | None) -> dict:
-  known = {"demo", "tiny", "rank", "domains", "domain_weight", "targets", "routing", "router_input", "steps"}
+  known = {"demo", "tiny", "rank", "domains", "domain_weight", "targets", "routing", "router_input", "steps", "seed"}
   out = {}
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
@@ -59,6 +67,7 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
       entropy_weight=0.1,  # per-image routing entropy (the seed's domain loss)
       balance_weight=0.1,  # keeps the batch-mean routing spread out (entropy alone collapses to one domain)
       supervised_weight=0.0,  # cross-entropy on domain labels, when the data has them
+      margin_warmup_steps=0,  # > 0: m3 grows linearly from 0 over this many steps (training from scratch)
   ))
   c.data = ml_collections.ConfigDict(dict(
       train="casia_webface",  # a TFDS builder registered by adaptface_jax.data.tfds_builders
@@ -76,6 +85,7 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
       max_pairs=0,  # > 0: evaluate a subset of N pairs (see evaluation.py); 0: all pairs
       batch_size=256,
       every_steps=0,  # 0: once per epoch
+      world="",  # with bin_dir "": the synthetic_faces/<config> whose benchmarks to use ("": data.train's own)
       best_metric="lfw",  # the checkpoint kept as "best"
   ))
   c.optim = ml_collections.ConfigDict(dict(
@@ -101,7 +111,7 @@ def experiment(backbone: str, adapter: str, arg: str | None) -> ml_collections.C
   args = parse_arg(arg)
   c = base_config(backbone, adapter)
   if args.get("demo"):
-    apply_demo(c)
+    apply_demo(c, backbone)
   if args.get("tiny"):
     c.model.backbone = TINY_BACKBONES[backbone]
     c.model.random_init = True
@@ -120,12 +130,14 @@ def experiment(backbone: str, adapter: str, arg: str | None) -> ml_collections.C
     c.router.input = args["router_input"]
   if "steps" in args:
     c.total_steps = int(args["steps"])
+  if "seed" in args:
+    c.seed = int(args["seed"])
   return c
 
 
-def apply_demo(c: ml_collections.ConfigDict) -> None:
+def apply_demo(c: ml_collections.ConfigDict, family: str) -> None:
   """A run that trains and evaluates on a 2-core CPU in minutes, fully offline."""
-  c.model.random_init = True
+  c.model.backbone = SYNTHETIC_BACKBONES[family]
   c.model.image_size = 112
   c.data.train = "synthetic_faces/demo"
   c.data.manual_dir = ""
@@ -162,10 +174,12 @@ SWEEPS = {
     # Two quick cells to check an installation (with `--base demo,tiny,steps=2`).
     "smoke": [("lora_dino", "rank=2"), ("dalora_dino", "domains=2")],
 }
-# The synthetic study: the 2x2 matrix plus the rank and K sweeps; rank=16 and domains=3 are the defaults, i.e.
-# the matrix's own lora_dino and dalora_dino cells, and are not run twice.
-SWEEPS["study"] = MATRIX + [cell for cell in SWEEPS["rank"] + SWEEPS["domains"]
-                            if cell not in (("lora_dino", "rank=16"), ("dalora_dino", "domains=3"))]
+# The synthetic study: the 2x2 matrix with 3 seeds, DA-LoRA with oracle and uniform routing, and the rank and K
+# sweeps; rank=16, domains=3 and learned routing are the defaults, i.e. the matrix's own cells, not run twice.
+SWEEPS["seeds"] = [(experiment, f"seed={seed}" if seed else "") for experiment, _ in MATRIX for seed in (0, 1, 2)]
+SWEEPS["study"] = SWEEPS["seeds"] + [
+    cell for cell in SWEEPS["routing"] + SWEEPS["rank"] + SWEEPS["domains"]
+    if cell not in (("lora_dino", "rank=16"), ("dalora_dino", "domains=3"), ("dalora_dino", "routing=learned"))]
 
 
 def cell_name(experiment: str, arg: str) -> str:

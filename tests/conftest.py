@@ -49,9 +49,29 @@ def cache_dir(tmp_path_factory):
   return path
 
 
+TINY_RUN = {"data.train": "synthetic_faces/tiny", "data.batch_size": 8, "log_every": 1, "eval.max_pairs": 40,
+            "eval.batch_size": 32, "model.image_size": 56}
+
+
 def tiny_run_args(**overrides):
   """Command-line overrides for a seconds-long run on the tiny synthetic world with a 2-layer ViT."""
-  args = {"data.train": "synthetic_faces/tiny", "data.batch_size": 8, "log_every": 1, "eval.max_pairs": 40,
-          "eval.batch_size": 32, "model.image_size": 56}
-  args.update(overrides)
-  return [f"--config.{k}={v}" for k, v in args.items()]
+  return [f"--config.{k}={v}" for k, v in {**TINY_RUN, **overrides}.items()]
+
+
+def tiny_config(arg: str, overrides: dict | None = None):
+  """The config of `--config=configs/lora_dino.py:ARG` with `tiny_run_args`, for a run in this process."""
+  from configs import lora_dino
+  config = lora_dino.get_config(arg)
+  config.update_from_flattened_dict({**TINY_RUN, **(overrides or {})})
+  return config
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, cache_dir):
+  """(workdir, config) of a finished 4-step run: checkpoints at steps 2 and 4, synth_lfw evaluated at step 4 (the
+  best checkpoint). Shared: copy the workdir before changing anything in it."""
+  from adaptface_jax import train
+  config = tiny_config("demo,tiny,steps=4", {"checkpoint_every": 2, "eval.benchmarks": ("synth_lfw",)})
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  train.train_and_evaluate(config, str(workdir))
+  return workdir, config

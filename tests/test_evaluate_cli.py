@@ -1,7 +1,8 @@
-"""`python -m adaptface_jax.evaluate --embeddings FILE.npz` end to end, through a subprocess."""
+"""`python -m adaptface_jax.evaluate` end to end, through a subprocess: --embeddings FILE.npz and --workdir DIR."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args):
+def run_cli(*args, timeout=120):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "adaptface_jax.evaluate", *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=120)
+                        cwd=REPO, env=env, timeout=timeout)
 
 
 def write_pairs(path, *, with_flip=True, **overrides):
@@ -100,3 +101,16 @@ def test_missing_file_and_no_mode(tmp_path):
   assert proc.returncode != 0 and "no such embeddings file" in proc.stderr
   proc = run_cli()
   assert proc.returncode != 0 and "--embeddings" in proc.stderr
+
+
+def test_workdir_step_is_written_beside_the_runs_own_results(tmp_path, finished_run):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run[0], workdir)
+  own = (workdir / "results.json").read_bytes()
+  assert json.loads(own)["step"] == 4
+  proc = run_cli("--workdir", str(workdir), "--step", "2", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "results.json").read_bytes() == own
+  saved = json.loads((workdir / "eval_step2" / "results.json").read_text())
+  assert saved["step"] == 2 and saved["synth_lfw"]["num_pairs"] == 40
+  assert (workdir / "eval_step2" / "roc.png").exists()

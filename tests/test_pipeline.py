@@ -2,6 +2,9 @@
 
 import hashlib
 import itertools
+import logging
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,14 +89,16 @@ def test_resuming_gives_the_batches_a_fresh_iterator_gives_later(data_dir, start
       np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_processes_read_disjoint_shards_with_their_share_of_the_batch(data_dir):
-  images = []
-  for process_index in range(2):
-    batches = _batches(data_dir, NUM_EXAMPLES // 16, flip=False, process_index=process_index, process_count=2)
-    assert batches[0]["image"].shape[0] == 8
-    images.append({_digest(image) for batch in batches for image in batch["image"]})
-  assert len(images[0]) == len(images[1]) == NUM_EXAMPLES // 2
-  assert images[0].isdisjoint(images[1])
+@pytest.mark.parametrize("start_step", [0, 7])
+def test_process_slices_concatenate_to_the_single_process_batches(data_dir, start_step):
+  # So a run trains on the same batches on any number of hosts, and can resume on another number.
+  options = dict(seed=5, randaugment=(2, 9), start_step=start_step)
+  single = _batches(data_dir, 3, **options)
+  slices = [_batches(data_dir, 3, process_index=index, process_count=2, **options) for index in range(2)]
+  for step, batch in enumerate(single):
+    assert slices[0][step]["image"].shape[0] == 8
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([slices[0][step][key], slices[1][step][key]]), batch[key])
 
 
 def test_flip_mirrors_some_images_and_leaves_the_others(data_dir):
@@ -150,8 +155,8 @@ def test_casia_webface_from_a_manual_record(tmp_path):
   data_dir = str(tmp_path / "tfds")
   assert pipeline.dataset_info("casia_webface", data_dir=data_dir, manual_dir=manual) == {
       "num_examples": 9, "num_classes": 3}
-  dataset = tfds.load("casia_webface", data_dir=data_dir, split="train",
-                      decoders={"image": tfds.decode.SkipDecoding()})
+  dataset = pipeline.prepared_builder("casia_webface", data_dir=data_dir, manual_dir=manual).as_dataset(
+      split="train", decoders={"image": tfds.decode.SkipDecoding()})
   stored = sorted((example["image"], int(example["label"]), int(example["domain"]))
                   for example in dataset.as_numpy_iterator())
   assert stored == sorted((data, label, -1) for data, label in samples)
@@ -185,7 +190,9 @@ def test_face_folder_builder(tmp_path):
   data_dir = str(tmp_path / "tfds")
   assert pipeline.dataset_info("face_folder", data_dir=data_dir, manual_dir=root) == {
       "num_examples": 5, "num_classes": 3}
-  dataset = tfds.load("face_folder", data_dir=data_dir, split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  # The prepared data is loadable by name too: its config is the source key.
+  name = "face_folder/" + tfds_builders.FaceFolder.source_config_name(root)
+  dataset = tfds.load(name, data_dir=data_dir, split="train", decoders={"image": tfds.decode.SkipDecoding()})
   stored = {example["image"]: int(example["label"]) for example in dataset.as_numpy_iterator()}
   expected = {path.read_bytes(): ["amy", "bob", "cid"].index(path.parent.name) for path in root.glob("*/*")}
   assert stored == expected
@@ -193,3 +200,68 @@ def test_face_folder_builder(tmp_path):
   with pytest.raises(ValueError, match="small.png.*100x112"):
     tfds.builder("face_folder", data_dir=str(tmp_path / "other")).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+
+
+def _write_rec(manual, num_classes, count):
+  faces = _faces(count)
+  recordio.write_insightface_record(manual, [(recordio.encode_image(face), index % num_classes)
+                                             for index, face in enumerate(faces)])
+
+
+def _source_log(caplog):
+  return [record.getMessage() for record in caplog.records if record.name == "adaptface_jax.data.pipeline"]
+
+
+def _files_and_mtimes(directory):
+  return {path: path.stat().st_mtime_ns for path in Path(directory).rglob("*") if path.is_file()}
+
+
+def test_prepared_data_is_keyed_by_its_source(tmp_path, caplog):
+  first, second = tmp_path / "first", tmp_path / "second"
+  _write_rec(first, 3, 6)
+  _write_rec(second, 2, 4)
+  data_dir = str(tmp_path / "tfds")
+  caplog.set_level(logging.INFO, logger="adaptface_jax.data.pipeline")
+  assert pipeline.dataset_info("casia_webface", data_dir=data_dir, manual_dir=first) == {
+      "num_examples": 6, "num_classes": 3}
+  assert pipeline.dataset_info("casia_webface", data_dir=data_dir, manual_dir=second) == {
+      "num_examples": 4, "num_classes": 2}
+  messages = _source_log(caplog)
+  assert len(messages) == 2 and all(m.startswith("casia_webface: preparing ") for m in messages)
+  assert messages[0].endswith(f"from {first.resolve()}") and messages[1].endswith(f"from {second.resolve()}")
+  prepared = {path.name for path in (tmp_path / "tfds" / "casia_webface").iterdir()}
+  assert len(prepared) == 2 and all(name.startswith("src-") for name in prepared)
+
+  # The same source again (from dataset_info, then train_iterator): reused, not prepared again.
+  before = _files_and_mtimes(tmp_path / "tfds" / "casia_webface")
+  caplog.clear()
+  builder = pipeline.prepared_builder("casia_webface", data_dir=data_dir, manual_dir=first)
+  batch = next(pipeline.train_iterator("casia_webface", data_dir=data_dir, manual_dir=first, batch_size=6, seed=0))
+  assert sorted(batch["label"].tolist()) == [0, 0, 1, 1, 2, 2]
+  assert _files_and_mtimes(tmp_path / "tfds" / "casia_webface") == before
+  messages = _source_log(caplog)
+  assert len(messages) == 2 and all(m.startswith("casia_webface: reusing ") for m in messages)
+  assert builder.info.config_description.startswith(f"prepared from {first.resolve()}")
+
+  # The first source rewritten in place (another identity): prepared afresh.
+  _write_rec(first, 4, 8)
+  assert pipeline.dataset_info("casia_webface", data_dir=data_dir, manual_dir=first) == {
+      "num_examples": 8, "num_classes": 4}
+  assert len(list((tmp_path / "tfds" / "casia_webface").iterdir())) == 3
+
+
+def test_corrupt_image_is_refused_when_the_data_is_prepared(tmp_path):
+  faces = _faces(6)
+  encoded = [recordio.encode_image(face) for face in faces]
+  encoded[4] = encoded[4][:len(encoded[4]) // 2]  # a truncated JPEG: its header still reads 112x112
+  manual = tmp_path / "manual"
+  recordio.write_insightface_record(manual, [(data, index // 2) for index, data in enumerate(encoded)])
+  with pytest.raises(ValueError, match=re.escape(f"{manual / 'train.rec'} key 5: not a readable JPEG/PNG image")):
+    pipeline.dataset_info("casia_webface", data_dir=str(tmp_path / "tfds"), manual_dir=manual)
+
+  root = tmp_path / "faces"
+  for index, data in enumerate(encoded):
+    (root / f"id{index // 2}").mkdir(parents=True, exist_ok=True)
+    (root / f"id{index // 2}" / f"{index}.jpg").write_bytes(data)
+  with pytest.raises(ValueError, match=re.escape(f"{root / 'id2' / '4.jpg'}: not a readable JPEG/PNG image")):
+    pipeline.dataset_info("face_folder", data_dir=str(tmp_path / "tfds"), manual_dir=root)

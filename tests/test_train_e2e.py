@@ -108,6 +108,14 @@ def test_clear_errors_leave_workdir_untouched(tmp_path, cache_dir):
   assert not (tmp_path / "real").exists()
 
 
+def test_bad_batch_size_is_refused_before_the_workdir_is_made(tmp_path, cache_dir):
+  workdir = tmp_path / "run"
+  args = tiny_run_args(**{"data.batch_size": 0, "eval.benchmarks": "()"})
+  out = run(main_cmd("configs/lora_dino.py:demo,tiny,steps=2", workdir, *args), cache_dir, check=False)
+  assert out.returncode != 0 and "--config.data.batch_size=0" in out.stderr and "positive" in out.stderr
+  assert not workdir.exists()
+
+
 def test_export_lora_loads_in_transformers(tmp_path, cache_dir):
   import torch
   from transformers import Dinov2Model

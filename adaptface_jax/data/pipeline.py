@@ -3,19 +3,24 @@
 Batches hold decoded, flipped / augmented images that are neither resized nor normalised: the model does both
 on device with the same function at training and evaluation time.
 
-Order. Each process reads its contiguous shard of the training split. Epoch e is a pure function of (seed,
-process, e): the shard is rotated by a random offset, cut into windows of `shuffle_buffer` examples and each
-window permuted with a stateless shuffle. Augmentation randomness is keyed by the example's position in the
-stream. So the same seed gives the same batches whatever the thread count, and `start_step=n` gives exactly
-the batches a fresh iterator gives after n batches (it skips at most one epoch of undecoded records).
+Order. Epoch e is a pure function of (seed, e): the training split is rotated by a random offset, cut into
+windows of `shuffle_buffer` examples and each window permuted with a stateless shuffle. Augmentation randomness is
+keyed by the example's position in the stream. So the same seed gives the same batches whatever the thread count,
+and `start_step=n` gives exactly the batches a fresh iterator gives after n batches (it skips at most one epoch of
+undecoded records). Across processes, every process walks that one stream of undecoded records and decodes only
+its slice of each global batch: the global batches, and so the training run, are the same whatever the number
+of processes (a run may resume on another number of hosts), at the cost of each process reading all the record
+bytes.
 TFDS already shuffles examples when it writes a dataset, so windows are random subsets of the data; the
 rotation changes window membership from epoch to epoch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from adaptface_jax.data import tfds_builders  # hides the GPUs from TensorFlow before any op runs
@@ -28,6 +33,8 @@ MAX_RANDAUGMENT_MAGNITUDE = 30  # the 31-bin scale of torchvision's RandAugment 
 _INT64_MAX = np.iinfo(np.int64).max
 # Fold-in constants that separate the random streams derived from one seed.
 _ROTATION_STREAM, _WINDOW_STREAM, _AUGMENT_STREAM = 0x5EED01, 0x5EED02, 0x5EED03
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,12 +53,47 @@ def _download_config(manual_dir, download_config) -> tfds.download.DownloadConfi
   return tfds.download.DownloadConfig(manual_dir=manual_dir)
 
 
+def _keyed_by_source(builder_name: str, data_dir: Path,
+                     download_config: tfds.download.DownloadConfig | None) -> tuple[str, Path | None]:
+  """(`name/src-<key>`, manual dir) for a builder of a manual directory, so that its prepared data is that of this
+  source (see tfds_builders); the name unchanged (and None) otherwise, or when a config is named explicitly."""
+  name, _, version = builder_name.partition(":")
+  if "/" in name:
+    return builder_name, None
+  builder_cls = tfds.builder_cls(name)
+  if not issubclass(builder_cls, tfds_builders.ManualSourceBuilder):
+    return builder_name, None
+  manual_dir = Path(download_config.manual_dir) if download_config is not None and download_config.manual_dir \
+      else data_dir / "downloads" / "manual"  # TFDS's own default
+  config_name = builder_cls.source_config_name(manual_dir)
+  if config_name is None:  # nothing there: the builder itself says what is missing
+    return builder_name, None
+  return f"{name}/{config_name}" + (f":{version}" if version else ""), manual_dir
+
+
 def prepared_builder(builder_name: str, *, data_dir=None, manual_dir=None,
                      download_config: tfds.download.DownloadConfig | None = None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder, prepared (generated or converted) first if it is not yet in data_dir."""
+  """The TFDS builder, prepared (generated or converted) first if it is not yet in data_dir.
+
+  casia_webface and face_folder are keyed by their manual directory (`tfds_builders.source_config_name`): the
+  same source reuses its prepared data, another one is prepared into a directory of its own."""
   data_dir = tfds_builders.resolve_data_dir(data_dir)
-  builder = tfds.builder(builder_name, data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=_download_config(manual_dir, download_config))
+  download_config = _download_config(manual_dir, download_config)
+  keyed_name, source = _keyed_by_source(builder_name, data_dir, download_config)
+  builder = tfds.builder(keyed_name, data_dir=str(data_dir))
+  if source is not None:
+    source = source.expanduser().resolve()
+    if builder.is_prepared():
+      log.info("%s: reusing %s, prepared from %s", builder_name, builder.data_dir, source)
+    else:
+      log.info("%s: preparing %s from %s", builder_name, builder.data_dir, source)
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except FileExistsError:  # another process (one per host) prepared it meanwhile, and renamed its copy first
+    builder = tfds.builder(keyed_name, data_dir=str(data_dir))
+    if not builder.is_prepared():
+      raise
+    log.info("%s was prepared by another process meanwhile; using it", builder.data_dir)
   return builder
 
 
@@ -225,9 +267,10 @@ def _check_randaugment(randaugment_option) -> tuple[int, int] | None:
 # The iterator
 
 
-def _stream_seed(seed: int, process_index: int) -> int:
-  """One 63-bit key per (seed, process): processes draw independent orders and augmentations."""
-  return int(np.random.SeedSequence([seed, process_index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def _stream_seed(seed: int) -> int:
+  """One 63-bit key per seed. The 0 was the process index when each process drew its own stream: it keeps the
+  batches of one-process runs as they were."""
+  return int(np.random.SeedSequence([seed, 0]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def _check_positive_int(name: str, value, minimum: int) -> int:
@@ -242,7 +285,7 @@ def train_iterator(builder_name: str, *, data_dir=None, manual_dir=None, batch_s
                    download_config: tfds.download.DownloadConfig | None = None,
                    num_threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of this process's batches: {'image': uint8 [b, H, W, 3], 'label': int32 [b],
-  'domain': int32 [b]} with b = batch_size // process_count.
+  'domain': int32 [b]} with b = batch_size // process_count, the process_index-th slice of each global batch.
 
   randaugment: None (off) or (num_layers, magnitude), magnitude on the 0..30 scale. num_threads: the size of
   tf.data's thread pool (None: one per core). See the module docstring for the order and resumption.
@@ -262,29 +305,26 @@ def train_iterator(builder_name: str, *, data_dir=None, manual_dir=None, batch_s
 
   builder = prepared_builder(builder_name, data_dir=data_dir, manual_dir=manual_dir, download_config=download_config)
   total = int(builder.info.splits["train"].num_examples)
-  per_process = total // process_count  # equal shards: every process runs the same number of steps
-  if per_process < local_batch:
-    raise ValueError(f"{builder_name}: {total} training examples give {per_process} per process, fewer than the "
-                     f"per-process batch of {local_batch}")
-  split = f"train[{process_index * per_process}:{(process_index + 1) * per_process}]"
+  if total < batch_size:
+    raise ValueError(f"{builder_name}: {total} training examples, fewer than the batch of {batch_size}")
   has_domain = "domain" in builder.info.features
   image_shape = builder.info.features["image"].shape
   if None in image_shape:
     raise ValueError(f"{builder_name}: images have no fixed shape ({image_shape}); batches need one size")
 
   read_config = tfds.ReadConfig(shuffle_seed=None, interleave_cycle_length=1, add_tfds_id=False)
-  raw = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+  raw = builder.as_dataset(split="train", shuffle_files=False, read_config=read_config,
                            decoders={"image": tfds.decode.SkipDecoding()})
   raw = raw.map(lambda example: (example["image"], tf.cast(example["label"], tf.int32),
                                  tf.cast(example["domain"], tf.int32) if has_domain else tf.constant(-1, tf.int32)))
-  key = _stream_seed(seed, process_index)
-  window = min(shuffle_buffer, per_process)
-  windows_per_epoch = math.ceil(per_process / window)
+  key = _stream_seed(seed)
+  window = min(shuffle_buffer, total)
+  windows_per_epoch = math.ceil(total / window)
 
   def epoch(epoch_index):
     rotation = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(key ^ _ROTATION_STREAM, tf.int64),
                                                               epoch_index]),
-                                           minval=0, maxval=per_process, dtype=tf.int64)
+                                           minval=0, maxval=total, dtype=tf.int64)
     rotated = raw.skip(rotation).concatenate(raw.take(rotation))
 
     def permute(window_index, elements):
@@ -295,9 +335,9 @@ def train_iterator(builder_name: str, *, data_dir=None, manual_dir=None, batch_s
 
     return rotated.batch(window).enumerate().map(permute).unbatch()
 
-  first_epoch, offset = divmod(start_step * local_batch, per_process)
+  first_epoch, offset = divmod(start_step * batch_size, total)
   stream = tf.data.Dataset.range(first_epoch, _INT64_MAX).flat_map(epoch).skip(offset)
-  positions = tf.data.Dataset.range(start_step * local_batch, _INT64_MAX)
+  positions = tf.data.Dataset.range(start_step * batch_size, _INT64_MAX)
   augment_key = tf.constant(key ^ _AUGMENT_STREAM, tf.int64)
 
   def decode_and_augment(position, example):
@@ -313,6 +353,8 @@ def train_iterator(builder_name: str, *, data_dir=None, manual_dir=None, batch_s
     return {"image": image, "label": label, "domain": domain}
 
   dataset = tf.data.Dataset.zip((positions, stream))
+  if process_count > 1:  # before decoding: a process decodes only its own examples
+    dataset = dataset.filter(lambda position, _: position // local_batch % process_count == process_index)
   dataset = dataset.map(decode_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()

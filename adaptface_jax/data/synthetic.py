@@ -354,7 +354,11 @@ def make_identity(seed: int, identity_id: int) -> Identity:
 # ---------------------------------------------------------------------------------------------------------------
 # Nuisance factors
 
-NUISANCE_KINDS = ("train", "general", "frontal", "profile", "young", "old")
+NUISANCE_KINDS = ("train", "pretrain", "general", "frontal", "profile", "young", "old")
+# Light of the "pretrain" kind (the general domain only: ordinary light) and of every other kind:
+# (azimuth, elevation low, elevation high, intensity low, intensity high, ambient low, ambient high).
+_ORDINARY_LIGHT = (45, 0, 45, 0.6, 1.05, 0.25, 0.5)
+_ANY_LIGHT = (75, -15, 55, 0.45, 1.15, 0.2, 0.55)
 
 
 def sample_nuisance(rng: np.random.Generator, kind: str) -> dict[str, float]:
@@ -364,6 +368,8 @@ def sample_nuisance(rng: np.random.Generator, kind: str) -> dict[str, float]:
     which = rng.random()
     abs_yaw = u(0, 30) if which < 0.55 else (u(30, 50) if which < 0.7 else u(50, 90))
     age = u(0, 1)
+  elif kind == "pretrain":  # the general domain only: near-frontal, young (pose and age stay unseen)
+    abs_yaw, age = u(0, 30), u(0, 0.45)
   elif kind == "general":
     abs_yaw, age = u(0, 35), u(0, 0.75)
   elif kind == "frontal":
@@ -376,6 +382,8 @@ def sample_nuisance(rng: np.random.Generator, kind: str) -> dict[str, float]:
     abs_yaw, age = u(0, 25), u(0.8, 1.0)
   else:
     raise ValueError(f"nuisance kind must be one of {NUISANCE_KINDS}, got {kind!r}")
+  azimuth, elevation0, elevation1, intensity0, intensity1, ambient0, ambient1 = (
+      _ORDINARY_LIGHT if kind == "pretrain" else _ANY_LIGHT)
   temperature = u(-1, 1)
   tint = 1 + u(-0.06, 0.06, 3)
   background0, background1, cloth = u(0.03, 0.97, 3), u(0.03, 0.97, 3), u(0.03, 0.9, 3)
@@ -383,7 +391,8 @@ def sample_nuisance(rng: np.random.Generator, kind: str) -> dict[str, float]:
     background1 = background0 * u(0.6, 1.2)
   return dict(
       yaw=abs_yaw * rng.choice((-1.0, 1.0)), age=age,
-      light_azimuth=u(-75, 75), light_elevation=u(-15, 55), light_intensity=u(0.45, 1.15), ambient=u(0.2, 0.55),
+      light_azimuth=u(-azimuth, azimuth), light_elevation=u(elevation0, elevation1),
+      light_intensity=u(intensity0, intensity1), ambient=u(ambient0, ambient1),
       cast_r=(1 + 0.14 * temperature) * tint[0], cast_g=tint[1], cast_b=(1 - 0.18 * temperature) * tint[2],
       exposure=u(0.75, 1.2), shift_x=u(-0.06, 0.06), shift_y=u(-0.06, 0.06), scale=u(0.92, 1.08),
       roll=u(-9, 9), noise=u(0.002, 0.016),
@@ -593,15 +602,19 @@ def default_cache_dir() -> Path:
 
 
 def world_name(*, seed: int, num_train_identities: int, images_per_identity: int, num_pairs: int,
-               image_size: int) -> str:
-  return (f"seed{seed}-ids{num_train_identities}x{images_per_identity}-pairs{num_pairs}-px{image_size}"
+               image_size: int, train_kind: str = "train", identity_offset: int = 0) -> str:
+  variant = (f"-{train_kind}" if train_kind != "train" else "") + (f"-from{identity_offset}" if identity_offset else "")
+  return (f"seed{seed}-ids{num_train_identities}x{images_per_identity}-pairs{num_pairs}-px{image_size}{variant}"
           f"-r{RENDERER_VERSION}")
 
 
-def _check_sizes(seed, num_train_identities, images_per_identity, num_pairs, image_size) -> None:
+def _check_sizes(seed, num_train_identities, images_per_identity, num_pairs, image_size, train_kind,
+                 identity_offset) -> None:
+  if train_kind not in NUISANCE_KINDS:
+    raise ValueError(f"train_kind must be one of {NUISANCE_KINDS}, got {train_kind!r}")
   for name, value, minimum in (("seed", seed, 0), ("num_train_identities", num_train_identities, 2),
                                ("images_per_identity", images_per_identity, 1), ("num_pairs", num_pairs, 20),
-                               ("image_size", image_size, 16)):
+                               ("image_size", image_size, 16), ("identity_offset", identity_offset, 0)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
       raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
   if num_pairs % (2 * NUM_FOLDS):
@@ -656,7 +669,7 @@ def _progress(total: int, desc: str):
 
 
 def _generate(root: Path, seed: int, num_train_identities: int, images_per_identity: int, num_pairs: int,
-              image_size: int) -> dict:
+              image_size: int, train_kind: str, identity_offset: int) -> dict:
   from adaptface_jax.data import binfile, recordio
 
   renderer = FaceRenderer(image_size)
@@ -672,22 +685,23 @@ def _generate(root: Path, seed: int, num_train_identities: int, images_per_ident
     with _progress(num_train, "synthetic train") as bar:
       for position in range(num_train):
         label, index = divmod(position, images_per_identity)
-        rng = np.random.default_rng([seed, _TRAIN_NUISANCE_STREAM, label, index])
-        nuisance = sample_nuisance(rng, "train")
+        rng = np.random.default_rng([seed, _TRAIN_NUISANCE_STREAM, identity_offset + label, index])
+        nuisance = sample_nuisance(rng, train_kind)
         for key in ("yaw", "age", "light_azimuth", "light_elevation", "light_intensity", "ambient"):
           train_meta[key][position] = nuisance[key]
         train_meta["color_cast"][position] = (nuisance["cast_r"], nuisance["cast_g"], nuisance["cast_b"])
-        image = renderer.render(identities(label), nuisance, rng)
+        image = renderer.render(identities(identity_offset + label), nuisance, rng)
         bar.update()
         yield recordio.encode_image(image, "jpg", 95), int(label)
 
   recordio.write_insightface_record(root / "train", train_samples(), image_format="jpg", quality=95)
-  np.savez(root / "train" / "meta.npz", label=labels, identity=labels,
+  np.savez(root / "train" / "meta.npz", label=labels, identity=identity_offset + labels,
            domain=domain_of(train_meta["yaw"], train_meta["age"]), **train_meta)
 
   # Benchmarks: identities after the training ones, split into 10 per-fold pools shared by the three files.
   ids_per_fold = max(4, num_pairs // NUM_FOLDS // 6)
-  eval_ids = np.arange(num_train_identities, num_train_identities + NUM_FOLDS * ids_per_fold, dtype=np.int64)
+  first_eval_id = identity_offset + num_train_identities
+  eval_ids = np.arange(first_eval_id, first_eval_id + NUM_FOLDS * ids_per_fold, dtype=np.int64)
   plans = [_plan_pairs(seed, index, num_pairs, eval_ids) for index in range(len(BENCHMARKS))]
   jobs = [(int(identity), benchmark, slot) for benchmark, (identities, _) in enumerate(plans)
           for slot, identity in enumerate(identities)]
@@ -718,7 +732,8 @@ def _generate(root: Path, seed: int, num_train_identities: int, images_per_ident
 
 
 def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, num_train_identities: int = 300,
-                images_per_identity: int = 20, num_pairs: int = 6000, image_size: int = 112) -> dict:
+                images_per_identity: int = 20, num_pairs: int = 6000, image_size: int = 112,
+                train_kind: str = "train", identity_offset: int = 0) -> dict:
   """Generates the world once into `cache_dir/synthetic/<name>/` and returns where its files are.
 
   The name holds every parameter and the renderer version; a world is reused only when its completion marker
@@ -729,12 +744,16 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
   identity, domain, yaw, age and illumination in key order), and for each benchmark `<name>.bin` (num_pairs
   pairs in 10 contiguous folds, each half same / half different, identities disjoint from training) with
   `<name>.meta.npz` (per image: domain, yaw, age, identity).
+  `train_kind` is the nuisance kind of the training images ("train": every domain; "pretrain": the general domain
+  only). Identities are numbered from `identity_offset` (training ones first, then the benchmarks'): worlds whose
+  ranges do not overlap share no identity, as the pretraining world and the adaptation worlds.
   Returns {'root', 'train', 'num_classes', 'num_train_images', 'benchmarks': {name: path}}.
   """
-  _check_sizes(seed, num_train_identities, images_per_identity, num_pairs, image_size)
+  _check_sizes(seed, num_train_identities, images_per_identity, num_pairs, image_size, train_kind, identity_offset)
   cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
   name = world_name(seed=seed, num_train_identities=num_train_identities, images_per_identity=images_per_identity,
-                    num_pairs=num_pairs, image_size=image_size)
+                    num_pairs=num_pairs, image_size=image_size, train_kind=train_kind,
+                    identity_offset=identity_offset)
   root = cache_root / "synthetic" / name
   if (root / COMPLETE_MARKER).exists():
     return _describe(root)
@@ -743,9 +762,11 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
   scratch.mkdir()
   try:
     logger.info("generating the synthetic face world %s into %s", name, root)
-    stats = _generate(scratch, seed, num_train_identities, images_per_identity, num_pairs, image_size)
+    stats = _generate(scratch, seed, num_train_identities, images_per_identity, num_pairs, image_size, train_kind,
+                      identity_offset)
     marker = dict(stats, seed=seed, num_train_identities=num_train_identities,
-                  images_per_identity=images_per_identity, image_size=image_size, renderer_version=RENDERER_VERSION)
+                  images_per_identity=images_per_identity, image_size=image_size, train_kind=train_kind,
+                  identity_offset=identity_offset, renderer_version=RENDERER_VERSION)
     (scratch / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if root.exists() and not (root / COMPLETE_MARKER).exists():
       shutil.rmtree(root)  # left by an interrupted run of an older layout: redo it

@@ -1,24 +1,37 @@
 """TFDS builders of the face-recognition training sets, registered by importing this module.
 
 - `synthetic_faces/{tiny,demo,large}`: the embedded synthetic face world (`synthetic.build_world`), generated
-  locally into `<data_dir>/synthetic/`; nothing is downloaded.
+  locally into `<data_dir>/synthetic/`; nothing is downloaded. `synthetic_faces/pretrain`: its general domain
+  only, on identities of its own, for pretraining backbones (`configs/pretrain.py`).
 - `casia_webface`: an InsightFace (or im2rec) `train.rec` + `train.idx` from the manual directory.
 - `face_folder`: an image folder `<manual_dir>/<identity>/<image>.jpg|png`.
 
 Every example holds `image` (the original encoded 112x112 RGB bytes, never re-encoded), `label` (int64 class
 id) and `domain` (int64: 0 general, 1 pose, 2 age for the synthetic world; -1 when unknown). The number of
 classes is in `info.metadata['num_classes']`.
+
+The two builders of a manual directory keep their prepared data per source: the builder config
+`src-<12 hex>` (`source_config_name`) is a digest of the directory's resolved path and its files' sizes and
+modification times, so `<data_dir>/casia_webface/src-<key>/` holds the data of one `.rec`, and another `.rec`
+(or the same one rewritten) is prepared afresh instead of silently reusing the first. Every image is decoded
+once while the data is prepared: a corrupt one is refused there, with its file and key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import io
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from adaptface_jax.data import recordio, synthetic
 
@@ -36,6 +49,7 @@ def hide_gpus_from_tensorflow() -> None:
 hide_gpus_from_tensorflow()
 
 IMAGE_SIZE = 112
+PRETRAIN_IDENTITIES, PRETRAIN_IMAGES = 2000, 24
 UNKNOWN_DOMAIN = -1
 _VERSION = tfds.core.Version("1.0.0")
 
@@ -70,11 +84,15 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return None
 
 
-def _check_image_size(image_bytes: bytes, where: str) -> None:
+def _check_image(image_bytes: bytes, where: str) -> None:
+  """A full decode: a truncated or corrupt image fails here, named, rather than as a TensorFlow error mid-training."""
   try:
-    height, width = recordio.image_size_of(image_bytes)
+    with Image.open(io.BytesIO(image_bytes)) as image:
+      width, height = image.size
+      image.load()
   except Exception as error:  # PIL raises several types for unreadable data
-    raise ValueError(f"{where}: not a readable JPEG/PNG image: {error}") from error
+    raise ValueError(f"{where}: not a readable JPEG/PNG image ({type(error).__name__}: {error}); remove or "
+                     "replace it and prepare the data again") from None
   if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):
     raise ValueError(f"{where}: image is {height}x{width}; these builders hold aligned {IMAGE_SIZE}x{IMAGE_SIZE} "
                      f"faces (align and crop the faces first)")
@@ -90,10 +108,13 @@ class SyntheticFacesConfig(tfds.core.BuilderConfig):
   images_per_identity: int = 20
   num_pairs: int = 6000
   world_seed: int = 0
+  train_kind: str = "train"  # "pretrain": the general domain only
+  identity_offset: int = 0
 
   def world_options(self) -> dict:
     return dict(seed=self.world_seed, num_train_identities=self.num_train_identities,
-                images_per_identity=self.images_per_identity, num_pairs=self.num_pairs, image_size=IMAGE_SIZE)
+                images_per_identity=self.images_per_identity, num_pairs=self.num_pairs, image_size=IMAGE_SIZE,
+                train_kind=self.train_kind, identity_offset=self.identity_offset)
 
 
 class SyntheticFaces(_LocalBuilder):
@@ -110,6 +131,12 @@ class SyntheticFaces(_LocalBuilder):
                            num_train_identities=300, images_per_identity=20, num_pairs=6000),
       SyntheticFacesConfig(name="large", description="2000 identities x 30 images, 6000 pairs per benchmark",
                            num_train_identities=2000, images_per_identity=30, num_pairs=6000),
+      # Identities from 100,000 on: disjoint from every adaptation world's training and benchmark identities.
+      SyntheticFacesConfig(name="pretrain", description=(
+          f"{PRETRAIN_IDENTITIES} identities x {PRETRAIN_IMAGES} images of the general domain only (near-frontal, "
+          "young, ordinary light), for pretraining backbones; 600 in-domain pairs per benchmark"),
+                           num_train_identities=PRETRAIN_IDENTITIES, images_per_identity=PRETRAIN_IMAGES,
+                           num_pairs=600, train_kind="pretrain", identity_offset=100_000),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = "demo"
 
@@ -153,10 +180,62 @@ def synthetic_world_for(builder_name: str, data_dir: str | os.PathLike | None = 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Builders of a manual directory: prepared data kept per source
+
+
+_SOURCE_CONFIG_NAME = re.compile(r"^src-[0-9a-f]{12}$")
+_SOURCE_DESCRIPTIONS: dict[str, str] = {}
+
+
+@functools.cache
+def _source_config(name: str) -> tfds.core.BuilderConfig:
+  description = _SOURCE_DESCRIPTIONS.get(name, "data prepared from one manual directory (see the module docstring)")
+  return tfds.core.BuilderConfig(name=name, description=description)
+
+
+def _file_stamps(root: Path, paths) -> list[tuple[str, int, int]]:
+  stamps = []
+  for path in paths:
+    stat = path.stat()
+    stamps.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+  return stamps
+
+
+class ManualSourceBuilder(_LocalBuilder, skip_registration=True):
+  """A builder converting a manual directory; any config named `src-<12 hex>` is valid (see the module docstring)."""
+
+  @classmethod
+  def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig | None:
+    if _SOURCE_CONFIG_NAME.match(name):
+      return _source_config(name)
+    return super().get_builder_config(name, version)
+
+  @classmethod
+  def source_files(cls, manual_dir: Path) -> list[Path]:
+    """The files the prepared data is made from; empty when the directory does not hold the dataset."""
+    raise NotImplementedError
+
+  @classmethod
+  def source_config_name(cls, manual_dir: str | os.PathLike) -> str | None:
+    """`src-<digest of the resolved path, sizes and modification times of source_files>`; None without files (the
+    builder then reports what is missing)."""
+    root = Path(manual_dir).expanduser().resolve()
+    files = cls.source_files(root) if root.is_dir() else []
+    if not files:
+      return None
+    stamps = _file_stamps(root, files)
+    digest = hashlib.sha256(json.dumps([str(root), stamps]).encode()).hexdigest()
+    name = f"src-{digest[:12]}"
+    total = sum(size for _, size, _ in stamps)
+    _SOURCE_DESCRIPTIONS.setdefault(name, f"prepared from {root} ({len(files)} file(s), {total:,} bytes)")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # casia_webface
 
 
-class CasiaWebface(_LocalBuilder):
+class CasiaWebface(ManualSourceBuilder):
   """CASIA-WebFace as packaged by InsightFace (faces_webface_112x112), read from its RecordIO files."""
 
   VERSION = _VERSION
@@ -167,6 +246,12 @@ aligned 112x112, 10,572 identities) in the manual directory: `download_config.ma
 `<data_dir>/downloads/manual/` (in this project: `--config.data.manual_dir`). A `.rec` written by im2rec (no header
 record) works too. Nothing is downloaded.
 """
+
+  @classmethod
+  def source_files(cls, manual_dir: Path) -> list[Path]:
+    if not (manual_dir / "train.rec").is_file():
+      return []
+    return [manual_dir / name for name in ("train.rec", "train.idx", "property") if (manual_dir / name).is_file()]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(description=self.__doc__, features=_features(),
@@ -186,7 +271,7 @@ record) works too. Nothing is downloaded.
     if record.num_images == 0:
       raise ValueError(f"{rec_path}: holds no images")
     first_bytes, _ = record.read(int(record.image_keys[0]))
-    _check_image_size(first_bytes, f"{rec_path} key {int(record.image_keys[0])}")
+    _check_image(first_bytes, f"{rec_path} key {int(record.image_keys[0])}")
     self.info.metadata["num_classes"] = int(record.num_classes)
     return {"train": self._generate_examples(rec_path)}
 
@@ -194,6 +279,7 @@ record) works too. Nothing is downloaded.
     record = recordio.InsightFaceRecord(rec_path)
     for key in record.image_keys.tolist():
       image_bytes, label = record.read(key)
+      _check_image(image_bytes, f"{rec_path} key {key}")
       yield key, {"image": image_bytes, "label": label, "domain": UNKNOWN_DOMAIN}
 
 
@@ -201,7 +287,7 @@ record) works too. Nothing is downloaded.
 # face_folder
 
 
-class FaceFolder(_LocalBuilder):
+class FaceFolder(ManualSourceBuilder):
   """Aligned 112x112 faces in `<manual_dir>/<identity>/<image>.jpg|png`; labels in sorted identity order."""
 
   VERSION = _VERSION
@@ -210,6 +296,11 @@ class FaceFolder(_LocalBuilder):
 Point `download_config.manual_dir` at a folder holding one sub-folder per identity, each with that identity's
 aligned 112x112 face crops as .jpg / .jpeg / .png files. Labels are assigned in sorted folder-name order.
 """
+
+  @classmethod
+  def source_files(cls, manual_dir: Path) -> list[Path]:
+    # Every file below the identity folders: an image added, removed or replaced changes the key.
+    return sorted(path for path in manual_dir.rglob("*") if path.is_file())
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(description=self.__doc__, features=_features(encoding_format=None),
@@ -231,5 +322,5 @@ aligned 112x112 face crops as .jpg / .jpeg / .png files. Labels are assigned in 
     for label, (name, paths) in enumerate(identities.items()):
       for path in paths:
         image_bytes = path.read_bytes()
-        _check_image_size(image_bytes, str(path))
+        _check_image(image_bytes, str(path))
         yield f"{name}/{path.name}", {"image": image_bytes, "label": label, "domain": UNKNOWN_DOMAIN}
