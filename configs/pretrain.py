@@ -16,16 +16,15 @@ sees. Append e.g. `,steps=200` to the argument for a shorter run.
 
 from configs import common
 
-ARCHITECTURES = {"dino": "synthface-dinov2", "clip": "synthface-clip"}
 
 
 def get_config(arg="dino"):
   family, *rest = (arg or "dino").split(",")
-  if family not in ARCHITECTURES:
+  if family not in common.SYNTHETIC_ARCHITECTURES:
     raise ValueError(f"configs/pretrain.py takes `dino` or `clip` (then optional `,steps=N`), got {arg!r}")
   c = common.experiment(family, "lora", ",".join(["demo", *rest]))
   c.experiment = f"pretrain_{family}"
-  c.model.backbone = ARCHITECTURES[family]
+  c.model.backbone = common.SYNTHETIC_ARCHITECTURES[family]
   c.model.random_init = True
   c.model.embedding_dim = 0  # no head: the margin loss trains the backbone's pooled feature itself
   c.adapter.rank = 0  # no adapter: every backbone weight trains

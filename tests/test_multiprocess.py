@@ -66,13 +66,13 @@ def _trainable(*workdirs):
 
 
 def test_two_processes_train_and_evaluate_like_one(tmp_path, cache_dir):
-  # On a fresh cache both processes prepare the data at once, as hosts sharing a filesystem do.
   multi, single = tmp_path / "multi", tmp_path / "single"
+  # First the one-process run: it prepares the data once (the two processes would each generate it).
+  _finish([_start(single, cache_dir, 2, log=tmp_path / "single.log")], [tmp_path / "single.log"])
   address = f"--coordinator_address=127.0.0.1:{_free_port()}"
   logs = [tmp_path / f"process{index}.log" for index in range(2)]
   _finish([_start(multi, cache_dir, 1, "--multihost", address, "--num_processes=2", f"--process_id={index}",
                   log=logs[index]) for index in range(2)], logs)
-  _finish([_start(single, cache_dir, 2, log=tmp_path / "single.log")], [tmp_path / "single.log"])
 
   results = json.loads((multi / "results.json").read_text())
   names = ("synth_lfw", "synth_cfp_fp", "synth_agedb")
