@@ -235,8 +235,8 @@ def _unavailable(hub_id: str, reason: str) -> BackboneUnavailableError:
       f"downloaded once into that cache) or fetch it first with `hf download {hub_id}`; without network, download "
       f"the snapshot on another machine, copy the folder that holds config.json and model.safetensors here and pass "
       f"its path with --config.model.backbone=/path/to/snapshot (load_backbone(path) in Python), or copy a whole "
-      f"HuggingFace cache and point HF_HOME at it; or run a `:demo` config (a random-initialised backbone on "
-      f"synthetic faces, nothing to download).")
+      f"HuggingFace cache and point HF_HOME at it; or run a `:demo` config (a backbone pretrained on synthetic "
+      f"faces, shipped in synthetic_backbones/; nothing to download).")
 
 
 def _snapshot_download(hub_id: str, patterns: list[str]) -> Path:
