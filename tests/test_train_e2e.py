@@ -34,7 +34,7 @@ def trainable_leaves(workdir):
 
 
 def test_demo_config_completes_from_fresh_workdir(tmp_path, cache_dir):
-  # The real :demo architecture (ViT-S/14 at 112 px), with the step count and the data shrunk.
+  # The real :demo backbone (the shipped synthetic-pretrained DINOv2 at 112 px), with the step count and data shrunk.
   workdir = tmp_path / "demo"
   args = tiny_run_args(**{"data.batch_size": 16, "model.image_size": 112})
   run(main_cmd("configs/dalora_dino.py:demo,steps=2", workdir, *args), cache_dir)
@@ -43,7 +43,7 @@ def test_demo_config_completes_from_fresh_workdir(tmp_path, cache_dir):
     assert 0.0 <= results[name]["accuracy"] <= 1.0 and results[name]["num_pairs"] == 40
     assert len(results[name]["domain_weights"]["a"]) == 3
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["steps"] == 2 and summary["frozen_params"] == 22_056_192
+  assert summary["steps"] == 2 and summary["frozen_params"] == 2_797_632
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert {"loss/margin", "loss/domain_entropy", "loss/domain_balance", "lr", "grad_norm", "images_per_sec",
           "routing/mean_w0"} <= set(lines[0])
