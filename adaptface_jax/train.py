@@ -155,7 +155,7 @@ def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` when it holds checkpoints), evaluates periodically, returns the final metrics
-  of this session ({} for a run that was finished already: it is left as it is)."""
+  of this invocation ({} for a run that was finished already: it is left as it is)."""
   run_start = time.perf_counter()
   workdir = Path(workdir).expanduser()
   # Everything that can refuse the run (batch, data, backbone, checkpoints, benchmarks) is checked before the

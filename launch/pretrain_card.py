@@ -107,7 +107,7 @@ def main():
       f"cosine; batch {config['data']['batch_size']}, {summary['steps']} steps "
       f"({summary['steps'] * config['data']['batch_size']:,} images).",
       f"- Time on a 2-core CPU: {train_seconds / 60:.1f} min of training steps (the logged windows: "
-      f"{sum(speeds) / len(speeds):.1f} images/s on average); the last session of the run took {wall / 60:.1f} min "
+      f"{sum(speeds) / len(speeds):.1f} images/s on average); the run's last start took {wall / 60:.1f} min "
       "wall time, evaluations included." + (f" {args.note}" if args.note else ""),
       f"- Reproduce: `python -m adaptface_jax.main --config configs/pretrain.py:{arg} --workdir workdirs/pretrain_{arg}`"
       f" then `python -m adaptface_jax.export --workdir workdirs/pretrain_{arg} --out {snapshot}` and "

@@ -2,8 +2,8 @@
 synthetic-pretrained snapshots, and the pretraining world's separation from the adaptation worlds."""
 
 import hashlib
+import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -77,11 +77,9 @@ def test_shipped_snapshot_matches_its_card_and_transformers(family):
 
 def test_shipped_dinov2_snapshot_beats_raw_pixels(tmp_path, cache_dir):
   """Un-tuned CLS features against cosine of raw pixels, on 400 balanced pairs of the tiny world's synth_lfw."""
-  out = subprocess.run([sys.executable, "-m", "adaptface_jax.evaluate", "--config=configs/lora_dino.py:demo",
-                        f"--backbone={SHIPPED['dinov2']}", "--benchmarks=synth_lfw", "--max_pairs=400", "--json",
-                        "--config.data.train=synthetic_faces/tiny"],
-                       cwd=ROOT, capture_output=True, text=True, check=True, env=_env(cache_dir))
-  import json
+  out = run([sys.executable, "-m", "adaptface_jax.evaluate", "--config=configs/lora_dino.py:demo",
+             f"--backbone={SHIPPED['dinov2']}", "--benchmarks=synth_lfw", "--max_pairs=400", "--json",
+             "--config.data.train=synthetic_faces/tiny"], cache_dir)
   features = json.loads(out.stdout.splitlines()[0])["accuracy"]
   from adaptface_jax.data import binfile, synthetic, tfds_builders
   from adaptface_jax.evaluation import balanced_subset
@@ -91,11 +89,6 @@ def test_shipped_dinov2_snapshot_beats_raw_pixels(tmp_path, cache_dir):
   sides = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
   pixels = synthetic.pixel_baseline(images[sides], issame[pairs])["accuracy"]
   assert features > pixels + 0.05, (features, pixels)
-
-
-def _env(cache_dir):
-  import os
-  return dict(os.environ, ADAPTFACE_CACHE=str(cache_dir))
 
 
 def test_pretraining_world_is_general_domain_on_its_own_identities(tmp_path):
