@@ -23,7 +23,8 @@ BACKBONES = {"dino": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patc
 # Backbones pretrained on the synthetic face world (configs/pretrain.py), shipped as transformers snapshots: what the
 # offline `demo` adapts. They have never seen a real face. A family without a shipped snapshot (CLIP, for now) runs
 # its demo on a random-initialised backbone of the same architecture (the machinery, not the method).
-SYNTHETIC_BACKBONES = {"dino": str(Path(__file__).resolve().parents[1] / "synthetic_backbones" / "dinov2_192x6")}
+SYNTHETIC_BACKBONES = {family: str(Path(__file__).resolve().parents[1] / "synthetic_backbones" / folder)
+                       for family, folder in (("dino", "dinov2_192x6"), ("clip", "clip_192x6"))}
 SYNTHETIC_ARCHITECTURES = {"dino": "synthface-dinov2", "clip": "synthface-clip"}  # hf_weights.PRESETS
 TINY_BACKBONES = {"dino": "tiny-dinov2", "clip": "tiny-clip"}
 STANDARD_BENCHMARKS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
@@ -138,10 +139,7 @@ def experiment(backbone: str, adapter: str, arg: str | None) -> ml_collections.C
 
 def apply_demo(c: ml_collections.ConfigDict, family: str) -> None:
   """A run that trains and evaluates on a 2-core CPU in minutes, fully offline."""
-  if family in SYNTHETIC_BACKBONES:
-    c.model.backbone = SYNTHETIC_BACKBONES[family]
-  else:
-    c.model.backbone, c.model.random_init = SYNTHETIC_ARCHITECTURES[family], True
+  c.model.backbone = SYNTHETIC_BACKBONES[family]
   c.model.image_size = 112
   c.data.train = "synthetic_faces/demo"
   c.data.manual_dir = ""
@@ -180,7 +178,7 @@ SWEEPS = {
 }
 # The synthetic study: the 2x2 matrix with 3 seeds, DA-LoRA with oracle and uniform routing, and the rank and K
 # sweeps; rank=16, domains=3 and learned routing are the defaults, i.e. the matrix's own cells, not run twice.
-SWEEPS["seeds"] = [(experiment, f"seed={seed}" if seed else "") for experiment, _ in MATRIX for seed in (0, 1, 2)]
+SWEEPS["seeds"] = [(experiment, f"seed={seed}" if seed else "") for seed in (0, 1, 2) for experiment, _ in MATRIX]
 SWEEPS["study"] = SWEEPS["seeds"] + [
     cell for cell in SWEEPS["routing"] + SWEEPS["rank"] + SWEEPS["domains"]
     if cell not in (("lora_dino", "rank=16"), ("dalora_dino", "domains=3"), ("dalora_dino", "routing=learned"))]

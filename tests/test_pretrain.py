@@ -14,7 +14,7 @@ from conftest import tiny_run_args
 from test_train_e2e import main_cmd, run
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = {"dinov2": ROOT / "synthetic_backbones" / "dinov2_192x6"}  # the CLIP-family snapshot is not shipped yet
+SHIPPED = {"dinov2": ROOT / "synthetic_backbones" / "dinov2_192x6", "clip": ROOT / "synthetic_backbones" / "clip_192x6"}
 
 
 def _transformers_pooled(directory: Path, family: str, pixels: np.ndarray) -> np.ndarray:
