@@ -28,7 +28,7 @@ from absl import app, flags
 
 from ml_collections import config_flags
 
-from adaptface_jax import verification
+from adaptface_jax import cli, verification
 
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "An .npz with embeddings [2P, D], issame [P] and optionally "
                                   "embeddings_flip [2P, D]: evaluate these precomputed embeddings.")
@@ -59,10 +59,14 @@ def load_embeddings_file(path: str | Path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such embeddings file")
   try:
-    with np.load(path, allow_pickle=False) as archive:
+    archive = np.load(path, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+      raise ValueError(f"a single array ({'.npy' if isinstance(archive, np.ndarray) else 'not .npz'}); "
+                       "np.savez(path, embeddings=..., issame=...) writes the .npz this needs")
+    with archive:
       arrays = {key: archive[key] for key in archive.files}
   except (ValueError, OSError, zipfile.BadZipFile) as error:
-    raise ValueError(f"{path}: not a readable .npz of numeric arrays ({error})") from error
+    raise ValueError(f"{path}: not a readable .npz of numeric arrays: {error}") from error
   missing = [key for key in ("embeddings", "issame") if key not in arrays]
   if missing:
     raise ValueError(f"{path}: missing array(s) {missing}; it has {sorted(arrays)}. Expected `embeddings` [2P, D], "
@@ -116,47 +120,45 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # One mode per source of embeddings; each returns {benchmark: result}.
   out_dir, extra = _OUT_DIR.value, None
-  try:
-    if _EMBEDDINGS.value:
-      results = evaluate_embeddings_file(_EMBEDDINGS.value, _NAME.value)
-    elif _WORKDIR.value:
-      results, step = evaluate_run(_WORKDIR.value, step=_STEP.value, which="best" if _BEST.value else "last")
-      out_dir, extra = out_dir or str(Path(_WORKDIR.value).expanduser() / f"eval_step{step}"), {"step": step}
-    elif _CONFIG.value is not None:
-      results = evaluate_untuned(_CONFIG.value, _BACKBONE.value)
-    else:
-      raise app.UsageError("nothing to evaluate: give --workdir DIR, --config FILE or --embeddings FILE.npz")
-  except (ValueError, FileNotFoundError, RuntimeError) as error:
-    sys.exit(f"error: {error}")
+  if _EMBEDDINGS.value:
+    results = evaluate_embeddings_file(_EMBEDDINGS.value, _NAME.value)
+  elif _WORKDIR.value:
+    results, step = evaluate_run(_WORKDIR.value, step=_STEP.value, which="best" if _BEST.value else "last",
+                                 overrides=_eval_overrides())
+    out_dir, extra = out_dir or str(Path(_WORKDIR.value).expanduser() / f"eval_step{step}"), {"step": step}
+  elif _CONFIG.value is not None:
+    results = evaluate_untuned(_CONFIG.value, _BACKBONE.value, _eval_overrides())
+  else:
+    raise app.UsageError("nothing to evaluate: give --workdir DIR, --config FILE or --embeddings FILE.npz")
   report(results, as_json=_JSON.value, out_dir=out_dir, extra=extra)
 
 
-def _override_eval(config) -> None:
-  with config.unlocked():
-    if _BENCHMARKS.value:
-      config.eval.benchmarks = tuple(_BENCHMARKS.value)
-    if _BIN_DIR.value:
-      config.eval.bin_dir = _BIN_DIR.value
-    if _MAX_PAIRS.value is not None:
-      config.eval.max_pairs = _MAX_PAIRS.value
+def _eval_overrides() -> dict:
+  """The eval.* fields that --benchmarks, --bin_dir and --max_pairs set."""
+  given = {"eval.benchmarks": tuple(_BENCHMARKS.value) if _BENCHMARKS.value else None,
+           "eval.bin_dir": _BIN_DIR.value or None, "eval.max_pairs": _MAX_PAIRS.value}
+  return {field: value for field, value in given.items() if value is not None}
 
 
-def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last") -> tuple[dict[str, dict], int]:
-  """({benchmark: result}, the checkpoint's step)."""
+def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last",
+                 overrides: dict | None = None) -> tuple[dict[str, dict], int]:
+  """({benchmark: result}, the checkpoint's step); `overrides`: {dotted config field: value}, e.g. eval.max_pairs."""
   from adaptface_jax import evaluation, partition, train
   config, model, variables, meta = train.load_run(workdir, step=step, which=which)
-  _override_eval(config)
+  with config.unlocked():
+    config.update_from_flattened_dict(overrides or {})
   trainable, frozen = partition.split(variables, config.trainable)
   print(f"evaluating {workdir} at step {meta['step']}", file=sys.stderr)
   return evaluation.Evaluator(config, model, frozen, partition.data_mesh())(trainable), int(meta["step"])
 
 
-def evaluate_untuned(config, backbone: str | None) -> dict[str, dict]:
+def evaluate_untuned(config, backbone: str | None = None, overrides: dict | None = None) -> dict[str, dict]:
+  """{benchmark: result} of the config's backbone alone (or of `backbone`): its pooled feature."""
   from adaptface_jax import evaluation, partition, train
   with config.unlocked():
     if backbone:
       config.model.backbone, config.model.random_init = backbone, False
-  _override_eval(config)
+    config.update_from_flattened_dict(overrides or {})
   model, state, frozen, _, _ = train.setup(config, num_classes=None, steps=1)
   return evaluation.Evaluator(config, model, frozen, partition.data_mesh(), output="feature")(state.trainable)
 
@@ -165,4 +167,4 @@ if __name__ == "__main__":
   from adaptface_jax import runtime
   runtime.use_tcmalloc()
   runtime.use_cpu_devices()  # batches are padded to a multiple of the device count
-  app.run(main)
+  cli.run(main)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from safetensors.numpy import save_file
 
-from adaptface_jax import hf_weights, partition, train
+from adaptface_jax import cli, hf_weights, partition, train
 from adaptface_jax.lora import QKV_SLICES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
@@ -98,4 +98,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main)

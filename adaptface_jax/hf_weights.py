@@ -58,7 +58,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that does not match the architecture; the message lists every problem found."""
+  """A checkpoint this loader cannot use: keys or shapes that do not match the architecture (the message lists every
+  problem found), or a file layout it does not read."""
 
 
 # ----------------------------------------------------------------------------------------------- key mapping
@@ -189,12 +190,12 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
     try:
       import torch
     except ImportError:
-      raise RuntimeError(f"{directory / 'pytorch_model.bin'} needs PyTorch to read; install torch or convert the "
-                         "snapshot to model.safetensors") from None
+      raise CheckpointError(f"{directory / 'pytorch_model.bin'} needs PyTorch to read; install torch or convert "
+                            "the snapshot to model.safetensors") from None
     state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
   if list(directory.glob("model-*.safetensors")):
-    raise RuntimeError(f"{directory} holds a sharded checkpoint; this loader reads single-file snapshots")
+    raise CheckpointError(f"{directory} holds a sharded checkpoint; this loader reads single-file snapshots")
   raise FileNotFoundError(f"{directory} has a config.json but no {' or '.join(WEIGHT_FILES)}")
 
 
@@ -215,7 +216,7 @@ def find_snapshot(directory: Path) -> Path:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class BackboneUnavailableError(RuntimeError):
+class BackboneUnavailableError(OSError):
   """A hub id whose snapshot is neither in the HuggingFace cache nor downloadable; the message says what to do."""
 
 
@@ -275,6 +276,17 @@ def _unknown_source(source: str) -> FileNotFoundError:
                            f"architectures known without weights (with random_init=True): {sorted(PRESETS)}")
 
 
+def _read_config_json(snapshot: Path) -> dict:
+  """A snapshot's config.json, checked to describe an architecture this port builds; errors name the file."""
+  path = snapshot / "config.json"
+  try:
+    config = json.loads(path.read_text())
+    ViTConfig.from_hf(config)
+  except (ValueError, AttributeError) as error:  # JSONDecodeError is a ValueError; a non-dict has no .get
+    raise CheckpointError(f"{path}: not a usable DINOv2 / CLIP config.json: {error}") from None
+  return config
+
+
 def read_architecture(source: str, *, random_init: bool = False) -> tuple[dict, Path | None]:
   """(HF config dict, snapshot dir or None) of a local path, a hub id or a preset name, without reading weights.
 
@@ -285,14 +297,14 @@ def read_architecture(source: str, *, random_init: bool = False) -> tuple[dict, 
   """
   snapshot = _local_snapshot(source)
   if snapshot is not None:
-    return json.loads((snapshot / "config.json").read_text()), snapshot
+    return _read_config_json(snapshot), snapshot
   if source in PRESETS and (random_init or not is_hub_id(source)):
     return dict(PRESETS[source]), None
   if not is_hub_id(source):
     raise _unknown_source(source)
   try:
     snapshot = _snapshot_download(source, ["config.json"])
-    return json.loads((snapshot / "config.json").read_text()), snapshot
+    return _read_config_json(snapshot), snapshot
   except (BackboneUnavailableError, FileNotFoundError):
     if source in PRESETS:
       return dict(PRESETS[source]), None
@@ -351,7 +363,7 @@ def load_backbone(source: str, *, random_init: bool = False, seed: int = 0) -> B
                        "or ask for random_init=True explicitly")
     else:
       raise _unknown_source(source)
-  config = ViTConfig.from_hf(json.loads((snapshot / "config.json").read_text()))
+  config = ViTConfig.from_hf(_read_config_json(snapshot))
   tensors = _read_weights(snapshot)
   if config.family == "clip" and config.projection_dim and "visual_projection.weight" not in tensors:
     config = dataclasses.replace(config, projection_dim=None)

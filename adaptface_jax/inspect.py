@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from adaptface_jax import face_model, partition
+from adaptface_jax import cli, face_model, partition
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,7 +3,6 @@
 Rerunning the same command on the same workdir resumes from its last checkpoint.
 """
 
-import logging
 import os
 
 # TensorFlow (input pipeline only) must neither take GPU memory nor flood the log.
@@ -16,10 +15,9 @@ if __name__ == "__main__":  # first, before the heavy imports: re-executes once 
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from adaptface_jax import train
+from adaptface_jax import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -45,9 +43,6 @@ def main(argv):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
   else:  # on CPU, one device per core; the batch is sharded over them (see runtime.py)
     runtime.use_cpu_devices(batch_size)
-  # Our progress at INFO; library chatter (orbax, absl) only from WARNING up.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("adaptface_jax").setLevel(logging.INFO)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if _MULTIHOST.value:
     # Leave together (a barrier): process 0 hosts the coordination service, and a peer still tearing down when it
@@ -56,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

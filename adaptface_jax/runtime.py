@@ -93,7 +93,10 @@ def use_processes(coordinator_address: str | None = None, num_processes: int | N
   whole batch; ADAPTFACE_CPU_DEVICES sets it). Must run before JAX's first computation."""
   import jax
 
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  if batch_size and num_processes and batch_size % num_processes == 0:  # else the input pipeline refuses the batch
+  if batch_size and num_processes:
+    if batch_size % num_processes:
+      raise ValueError(f"--config.data.batch_size={batch_size} does not split over --num_processes={num_processes}: "
+                       "give a multiple of the process count")
     batch_size //= num_processes
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
   use_cpu_devices(batch_size)

@@ -198,6 +198,10 @@ def _far_label(far_target: float) -> str:
 
 
 def _check_inputs(embeddings, issame, embeddings_flip, num_folds) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  for name, array in (("embeddings", embeddings), ("embeddings_flip", embeddings_flip)):
+    dtype = np.asarray(array).dtype
+    if array is not None and not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+      raise ValueError(f"{name} must be real numbers (float or integer), got dtype {dtype}")
   embeddings = np.asarray(embeddings)
   if embeddings.ndim != 2:
     raise ValueError(f"embeddings must be [2P, D] (rows a0, b0, a1, b1, ...), got shape {embeddings.shape}")

@@ -35,11 +35,8 @@ def untuned_and_pixels(snapshot: Path, family: str) -> tuple[dict, dict]:
   from configs import common
   from adaptface_jax import evaluate
   from adaptface_jax.data import binfile, synthetic, tfds_builders
-  from absl import flags
-  flags.FLAGS.mark_as_parsed()  # evaluate's own flags keep their defaults
   config = common.experiment("dino" if family == "dinov2" else "clip", "lora", "demo")
-  config.eval.max_pairs = 0
-  untuned = evaluate.evaluate_untuned(config, str(snapshot))
+  untuned = evaluate.evaluate_untuned(config, str(snapshot), {"eval.max_pairs": 0})
   world = tfds_builders.synthetic_world_for(config.data.train)
   pixels = {}
   for name in config.eval.benchmarks:

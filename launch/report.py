@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 STANDARD = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
 # Published numbers (recipe notes): not runs of this project.
@@ -30,50 +32,104 @@ PUBLISHED = [
 ]
 
 
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+RUN_FIELDS = ("run", "cell", "seed", "pairs", "experiment", "rank", "domains", "routing", "trainable_params", "steps",
+              "wall_time_s", "images_per_sec", "mean")
+
+
+def _row(name: str, results: dict, config: dict, summary: dict, metrics: list[dict]) -> dict:
+  speeds = [m["images_per_sec"] for m in metrics if "images_per_sec" in m]
+  adapter, router = config.get("adapter", {}), config.get("router", {})
+  row = {"run": name, "cell": SEED_SUFFIX.sub("", name.split("/")[0]), "seed": config.get("seed", 0),
+         "experiment": config.get("experiment", "untuned"), "rank": adapter.get("rank"),
+         "domains": adapter.get("num_domains"), "routing": router.get("mode"),
+         "trainable_params": summary.get("trainable_params"), "steps": summary.get("steps"),
+         "wall_time_s": summary.get("wall_time_s_last_session"),
+         "images_per_sec": round(sum(speeds) / len(speeds), 1) if speeds else None}
+  benchmarks = {k: v for k, v in results.items()
+                if isinstance(v, dict) and "accuracy" in v and k not in ("mean", "mean_of_present")}
+  for bench, result in benchmarks.items():
+    row[bench] = round(100 * result["accuracy"], 2)
+    row[f"_fold_std/{bench}"] = 100 * result["accuracy_std"]
+    if "domain_weights" in result:
+      row.setdefault("_routing", {})[bench] = result["domain_weights"]
+  row["pairs"] = min((r["num_pairs"] for r in benchmarks.values()), default=None)
+  row["mean"] = round(sum(row[n] for n in benchmarks) / len(benchmarks), 2) if benchmarks else None
+  return row
+
+
 def load_runs(runs_dir: Path) -> list[dict]:
+  """One row per results.json: a run's own (RUN/results.json), a later evaluation of it, e.g. on a subset
+  (RUN/eval_stepN/results.json, named RUN/eval_stepN), or a backbone evaluated alone (`evaluate --config ...
+  --out_dir RUNS_DIR/NAME`: no config.json, experiment `untuned`)."""
   rows = []
-  for workdir in sorted(p.parent for p in runs_dir.glob("*/results.json")):
-    results = json.loads((workdir / "results.json").read_text())
-    config = json.loads((workdir / "config.json").read_text())
-    summary = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
+  for path in sorted(runs_dir.glob("*/results.json")) + sorted(runs_dir.glob("*/eval_step*/results.json")):
+    workdir = path.parent if path.parent.parent == runs_dir else path.parent.parent
+
+    def read(name, workdir=workdir):
+      return json.loads((workdir / name).read_text()) if (workdir / name).exists() else {}
+
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()] if (
         workdir / "metrics.jsonl").exists() else []
-    speeds = [m["images_per_sec"] for m in metrics if "images_per_sec" in m]
-    row = {"run": workdir.name, "experiment": config.get("experiment", ""), "rank": config["adapter"]["rank"],
-           "domains": config["adapter"]["num_domains"], "routing": config["router"]["mode"],
-           "trainable_params": summary.get("trainable_params"), "steps": summary.get("steps"),
-           "wall_time_s": summary.get("wall_time_s_last_session"),
-           "images_per_sec": round(sum(speeds) / len(speeds), 1) if speeds else None}
-    benchmarks = {k: v for k, v in results.items()
-                  if isinstance(v, dict) and "accuracy" in v and k not in ("mean", "mean_of_present")}
-    for name, result in benchmarks.items():
-      row[name] = round(100 * result["accuracy"], 2)
-      if "domain_weights" in result:
-        row.setdefault("_routing", {})[name] = result["domain_weights"]
-    names = [n for n in benchmarks]
-    row["mean"] = round(sum(row[n] for n in names) / len(names), 2) if names else None
-    rows.append(row)
+    rows.append(_row(str(path.parent.relative_to(runs_dir)), json.loads(path.read_text()), read("config.json"),
+                     read("summary.json"), metrics))
   return rows
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+  """Cells run with several seeds (on the same pairs): per benchmark the mean over seeds, their standard deviation
+  (ddof=1) and the mean 10-fold standard deviation."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    if "/" not in row["run"]:
+      groups.setdefault((row["cell"], row["pairs"]), []).append(row)
+  out = []
+  for (cell, pairs), members in groups.items():
+    if len(members) < 2:
+      continue
+    entry = {"cell": cell, "pairs": pairs, "seeds": sorted(m["seed"] for m in members)}
+    for bench in benchmark_columns(members):
+      values = np.array([m[bench] for m in members])
+      entry[bench] = (float(values.mean()), float(values.std(ddof=1)),
+                      float(np.mean([m[f"_fold_std/{bench}"] for m in members])))
+    out.append(entry)
+  return out
 
 
 def benchmark_columns(rows):
   seen = []
   for row in rows:
     for key in row:
-      if key not in seen and key not in ("run", "experiment", "rank", "domains", "routing", "trainable_params",
-                                         "steps", "wall_time_s", "images_per_sec", "mean") and not key.startswith("_"):
+      if key not in seen and key not in RUN_FIELDS and not key.startswith("_"):
         seen.append(key)
   return seen
 
 
+def _fmt(value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, tuple):  # (mean over seeds, their std, mean fold std)
+    return f"{value[0]:.2f} ± {value[1]:.2f} (fold {value[2]:.2f})"
+  return f"{value:,}" if isinstance(value, int) else (f"{value:.2f}" if isinstance(value, float) else str(value))
+
+
 def write_tables(rows, out: Path) -> tuple[Path, Path]:
   bench = benchmark_columns(rows)
-  columns = ["run", *bench, "mean", "trainable_params", "steps", "wall_time_s", "images_per_sec"]
-  fmt = lambda v: "" if v is None else (f"{v:,}" if isinstance(v, int) else (f"{v:.2f}" if isinstance(v, float)
-                                                                             else str(v)))
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines = []
+  summary = seed_summary(rows)
+  if summary:
+    lines += ["## Cells over seeds", "",
+              "Mean over seeds ± their standard deviation (ddof 1), and the mean 10-fold standard deviation.", "",
+              "| cell | pairs | seeds | " + " | ".join(bench) + " |", "|" + "---|" * (3 + len(bench))]
+    lines += ["| " + " | ".join([entry["cell"], _fmt(entry["pairs"]), ",".join(map(str, entry["seeds"]))]
+                                + [_fmt(entry.get(b)) for b in bench]) + " |" for entry in summary]
+    lines += ["", "## Runs", ""]
+  columns = ["run", "pairs", *bench, "mean", "trainable_params", "steps", "wall_time_s", "images_per_sec"]
+  lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:
-    lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    cells = [_fmt(row.get(c)) + (f" ± {row[f'_fold_std/{c}']:.2f}" if f"_fold_std/{c}" in row else "")
+             for c in columns]
+    lines.append("| " + " | ".join(cells) + " |")
   md = out / "report.md"
   md.write_text("\n".join(lines) + "\n")
   csv_path = out / "report.csv"
@@ -84,37 +140,49 @@ def write_tables(rows, out: Path) -> tuple[Path, Path]:
   return md, csv_path
 
 
+def _save(fig, path: Path) -> Path:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plot(rows, out: Path) -> list[Path]:
   paths = []
   runs = [r for r in rows if not r["run"].startswith("published")]
-  bench = [b for b in benchmark_columns(runs)]
-  if runs and bench:
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs) * len(bench) / 3), 4))
-    width = 0.8 / len(runs)
-    for i, row in enumerate(runs):
-      ax.bar([j + i * width for j in range(len(bench))], [row.get(b, 0) for b in bench], width, label=row["run"])
+  bench = benchmark_columns(runs)
+  # Per benchmark: the cells over seeds (error bar: std over seeds) and the single runs on the same pairs.
+  summary = seed_summary(runs)
+  pairs = max((r["pairs"] for r in runs if r["pairs"]), default=None)
+  seeded = {entry["cell"] for entry in summary}
+  bars = [(e["cell"], [e[b][0] for b in bench], [e[b][1] for b in bench]) for e in summary if e["pairs"] == pairs]
+  bars += [(r["run"], [r.get(b, 0) for b in bench], None) for r in runs
+           if r["pairs"] == pairs and r["cell"] not in seeded and "/" not in r["run"]]
+  if bars and bench:
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) * len(bench)), 4))
+    width = 0.8 / len(bars)
+    for i, (label, values, errors) in enumerate(bars):
+      ax.bar([j + i * width for j in range(len(bench))], values, width, yerr=errors, capsize=2, label=label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bench))], bench)
-    ax.set_ylabel("verification accuracy (%)")
+    ax.set_ylabel(f"verification accuracy (%), {pairs:,} pairs")
+    ax.set_ylim(bottom=50)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    paths.append(out / "accuracy_by_benchmark.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-  for key, label in (("rank", "LoRA rank"), ("domains", "DA-LoRA domains K")):
-    sweep = sorted((r for r in runs if f"-{key}" in r["run"] or (key == "rank" and r["run"] == "lora_dino")
-                    or (key == "domains" and r["run"] == "dalora_dino")), key=lambda r: r[key])
-    if len(sweep) > 1:
-      fig, ax = plt.subplots(figsize=(5, 3.5))
-      for b in bench + ["mean"]:
-        ax.plot([r[key] for r in sweep], [r.get(b) for r in sweep], marker="o", label=b)
-      ax.set_xlabel(label)
-      ax.set_ylabel("accuracy (%)")
-      ax.legend(fontsize=7)
-      fig.tight_layout()
-      paths.append(out / f"accuracy_vs_{key}.png")
-      fig.savefig(paths[-1], dpi=120)
-      plt.close(fig)
-  routed = [r for r in runs if r.get("_routing")]
+    paths.append(_save(fig, out / "accuracy_by_benchmark.png"))
+  # Sweeps: seed 0, on the sweep's own pairs; the matrix cell is the sweep's default point.
+  for key, label, reference in (("rank", "LoRA rank", "lora_dino"), ("domains", "DA-LoRA domains K", "dalora_dino")):
+    sweep = [r for r in runs if f"-{key}" in r["cell"]]
+    if not sweep:
+      continue
+    sweep += [r for r in runs if r["cell"] == reference and r["seed"] == 0 and r["pairs"] == sweep[0]["pairs"]]
+    sweep.sort(key=lambda r: r[key])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for b in bench + ["mean"]:
+      ax.plot([r[key] for r in sweep], [r.get(b) for r in sweep], marker="o", label=b)
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"accuracy (%), {sweep[0]['pairs']:,} pairs")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / f"accuracy_vs_{key}.png"))
+  routed = [r for r in runs if r.get("_routing") and r["seed"] == 0 and "/" not in r["run"]]
   if routed:
     fig, axes = plt.subplots(1, len(routed), figsize=(4 * len(routed), 3.5), squeeze=False)
     for ax, row in zip(axes[0], routed):
@@ -127,10 +195,7 @@ def plot(rows, out: Path) -> list[Path]:
       ax.set_title(row["run"], fontsize=8)
       ax.set_ylabel("mean routing weight")
       ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "routing.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "routing.png"))
   return paths
 
 

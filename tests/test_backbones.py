@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from adaptface_jax import load_backbone, vit
-from adaptface_jax.hf_weights import CheckpointError
+from adaptface_jax.hf_weights import BackboneUnavailableError, CheckpointError
 from adaptface_jax.vit import ViTConfig, bicubic_matrix
 from conftest import random_images
 
@@ -117,7 +117,7 @@ def test_unknown_model_type_and_bad_image_size(tmp_path, hf_snapshots):
 
 def test_unreachable_hub_id_names_it_and_explains(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  with pytest.raises(RuntimeError) as info:
+  with pytest.raises(BackboneUnavailableError) as info:
     load_backbone("someone/not-in-any-cache")
   assert "someone/not-in-any-cache" in str(info.value) and "snapshot" in str(info.value)
 

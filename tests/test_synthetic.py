@@ -1,11 +1,14 @@
 """The synthetic face world: determinism, caching, benchmark layout, and that it is hard in pixel space while
 identities stay recognisable."""
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from adaptface_jax import runtime
 from adaptface_jax.data import binfile, recordio, synthetic
 
 TRAIN_IDS, IMAGES_PER_ID, PAIRS = 12, 4, 600
@@ -21,10 +24,14 @@ def _files(root):
   return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
 
 
-def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
+def test_same_seed_gives_identical_files_in_one_process_or_several_and_another_seed_does_not(tmp_path, monkeypatch):
   options = dict(num_train_identities=3, images_per_identity=2, num_pairs=20)
   first = synthetic.build_world(tmp_path / "a", seed=5, **options)
+  # The second one is rendered by 2 worker processes.
+  monkeypatch.setattr(synthetic, "_POOL_MIN_IMAGES", 0)
+  monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
   second = synthetic.build_world(tmp_path / "b", seed=5, **options)
+  assert json.loads((Path(second["root"]) / synthetic.COMPLETE_MARKER).read_text())["processes"] == 2
   other = synthetic.build_world(tmp_path / "c", seed=6, **options)
   assert _files(first["root"]) == _files(second["root"])
   for name in _files(first["root"]):
@@ -58,7 +65,7 @@ def test_a_complete_world_is_reused_without_regenerating(world, monkeypatch):
 def test_an_interrupted_generation_leaves_nothing_and_is_redone(tmp_path, monkeypatch):
   real_generate = synthetic._generate
 
-  def interrupted(root, *args):
+  def interrupted(root, *args, **kwargs):
     (root / "train").mkdir()
     (root / "train" / "train.rec").write_bytes(b"half")
     raise KeyboardInterrupt

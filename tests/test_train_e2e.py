@@ -1,5 +1,5 @@
-"""The whole loop through `python -m adaptface_jax.main`: demo config, exact resume after SIGTERM, clear errors that
-leave the workdir untouched, export to transformers, and the ablation runner + report."""
+"""The whole loop through `python -m adaptface_jax.main`: demo config, exact resume after SIGTERM, another backbone
+refused on a finished workdir, export to transformers, and the ablation runner + report."""
 
 import json
 import os
@@ -83,37 +83,18 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, cache_dir):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_clear_errors_leave_workdir_untouched(tmp_path, cache_dir):
+def test_another_backbone_on_a_finished_workdir_is_refused_and_leaves_it_untouched(tmp_path, cache_dir):
+  """The other bad inputs are catalogued in test_bad_inputs.py; this one needs a run in the workdir first."""
   args = tiny_run_args(**{"eval.benchmarks": "()"})
   workdir = tmp_path / "run"
   run(main_cmd("configs/lora_dino.py:demo,tiny,steps=2", workdir, *args), cache_dir)
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
-
   # Another backbone (another seed of the random init) on the same workdir.
   out = run(main_cmd("configs/lora_dino.py:demo,tiny,steps=4", workdir, *args, "--config.seed=7"), cache_dir,
             check=False)
   assert out.returncode != 0 and "other frozen (backbone) weights" in out.stderr
-  # An unreachable hub id.
-  out = run(main_cmd("configs/lora_dino.py:demo,tiny,steps=4", workdir, *args,
-                     "--config.model.backbone=someone/not-cached", "--config.model.random_init=False"), cache_dir,
-            check=False)
-  assert out.returncode != 0 and "someone/not-cached" in out.stderr and "snapshot" in out.stderr
+  assert "Traceback" not in out.stderr
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
-
-  # The real config without CASIA: names the missing path and the ways out.
-  missing = tmp_path / "no_casia"
-  out = run(main_cmd("configs/lora_dino.py", tmp_path / "real", f"--config.data.manual_dir={missing}",
-                     f"--config.data.data_dir={tmp_path / 'tfds'}"), cache_dir, check=False)
-  assert out.returncode != 0 and str(missing) in out.stderr, out.stderr[-3000:]
-  assert not (tmp_path / "real").exists()
-
-
-def test_bad_batch_size_is_refused_before_the_workdir_is_made(tmp_path, cache_dir):
-  workdir = tmp_path / "run"
-  args = tiny_run_args(**{"data.batch_size": 0, "eval.benchmarks": "()"})
-  out = run(main_cmd("configs/lora_dino.py:demo,tiny,steps=2", workdir, *args), cache_dir, check=False)
-  assert out.returncode != 0 and "--config.data.batch_size=0" in out.stderr and "positive" in out.stderr
-  assert not workdir.exists()
 
 
 def test_export_lora_loads_in_transformers(tmp_path, cache_dir):

@@ -12,7 +12,6 @@ import argparse
 import collections
 import json
 import logging
-import pickle
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -20,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from adaptface_jax import cli
 from adaptface_jax.data import binfile, folders, recordio
 
 _PROGRESS_MIN_ITEMS = 2000  # below this a full decode takes about a second: no progress bar
@@ -131,6 +131,7 @@ def _print_human(summary: dict) -> None:
 def _build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m adaptface_jax.data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--debug", action="store_true", help="on an error in the input, show the full traceback")
   commands = parser.add_subparsers(dest="command", required=True)
 
   info_parser = commands.add_parser("info", help="describe a .rec, a .bin or an image folder")
@@ -159,12 +160,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs one command; bad input (missing files, malformed data) prints `error: ...` and returns 1."""
+  """Runs one command; bad input (missing files, malformed data) prints `error: ...` and returns 1 (see
+  adaptface_jax.cli)."""
   args = _build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   try:
     _run(args)
-  except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
+  except (*cli.USER_ERRORS, KeyError) as error:
+    if args.debug:
+      raise
     print(f"error: {error}", file=sys.stderr)
     return 1
   return 0

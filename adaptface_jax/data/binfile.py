@@ -146,6 +146,8 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
   issame = _as_issame(issame, path)
   if len(images) != 2 * len(issame):
     raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs; a .bin holds exactly 2 images per pair")
+  if not len(issame):
+    raise ValueError(f"{path}: holds no pairs")
   return images, issame
 
 
@@ -188,6 +190,4 @@ def load_pairs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
       raise ValueError(f"{path}: image {index} is {image.shape[0]}x{image.shape[1]} but image 0 is "
                        f"{decoded[0].shape[0]}x{decoded[0].shape[1]}")
     decoded.append(image)
-  if not decoded:
-    raise ValueError(f"{path}: holds no pairs")
   return np.stack(decoded), issame

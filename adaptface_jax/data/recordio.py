@@ -448,6 +448,8 @@ class InsightFaceRecord:
       self.layout = "im2rec"
       self.image_keys = np.asarray(self.reader.keys, dtype=np.int64)
       self._identity_keys = np.zeros((0,), dtype=np.int64)
+    if not len(self.image_keys):
+      raise RecordIOError(f"{self.rec_path}: holds no images ({os.path.getsize(self.rec_path)} bytes)")
     self._check_property()
 
   def _check_property(self) -> None:

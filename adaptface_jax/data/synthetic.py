@@ -13,7 +13,8 @@ hair, sagging, paler and lower-contrast features), illumination (direction, inte
 exposure) and jitter (shift, scale, roll, sensor noise), plus random background and clothes. The world is hard
 in pixel space (cosine similarity of raw pixels verifies about 60% of the benchmark pairs right, 50% being
 chance) while identities stay recognisable: the identity parameters never change, only the conditions do.
-Rendering takes about 2 ms per image on one core (numpy, vectorised over the pixels of one image).
+Rendering takes about 10 ms per image on one core (numpy, vectorised over the pixels of one image); `build_world`
+spreads it over worker processes, one per usable core.
 
 `build_world` writes the InsightFace training `.rec`, three verification `.bin` files (mixed conditions,
 frontal vs profile, young vs old) over identities disjoint from the training ones, and per-image metadata.
@@ -21,8 +22,11 @@ frontal vs profile, young vs old) over identities disjoint from the training one
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
@@ -30,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -651,50 +656,70 @@ def _plan_pairs(seed: int, benchmark_index: int, num_pairs: int, eval_ids: np.nd
   return np.asarray(identities, np.int64), np.asarray(issame, bool)
 
 
-class _IdentityCache:
-  """Builds identities on demand, keeping only the most recent one (jobs are rendered grouped by identity)."""
-
-  def __init__(self, seed: int):
-    self.seed, self._identity = seed, None
-
-  def __call__(self, identity_id: int) -> Identity:
-    if self._identity is None or self._identity.identity_id != identity_id:
-      self._identity = make_identity(self.seed, int(identity_id))
-    return self._identity
+_RENDERERS: dict[int, "FaceRenderer"] = {}
+_CHUNK = 120  # images per task of the rendering pool: a few identities' worth, about a second of work
+_POOL_MIN_IMAGES = 4000  # below this, starting the worker processes costs more than it saves
 
 
-def _progress(total: int, desc: str):
+def _render_chunk(seed: int, image_size: int, jobs: list[tuple[int, list[int], str]]) -> list[tuple[bytes, dict]]:
+  """[(JPEG bytes, nuisance)] of each job (identity id, nuisance stream key, nuisance kind), in order. Every image
+  depends on its job alone, so any process may render any chunk."""
+  from adaptface_jax.data import recordio
+
+  if image_size not in _RENDERERS:
+    _RENDERERS[image_size] = FaceRenderer(image_size)
+  renderer = _RENDERERS[image_size]
+  out, identity = [], None
+  for identity_id, stream, kind in jobs:
+    if identity is None or identity.identity_id != identity_id:  # jobs come grouped by identity
+      identity = make_identity(seed, identity_id)
+    rng = np.random.default_rng(stream)
+    nuisance = sample_nuisance(rng, kind)
+    out.append((recordio.encode_image(renderer.render(identity, nuisance, rng), "jpg", 95), nuisance))
+  return out
+
+
+def _render(seed: int, image_size: int, jobs: list, desc: str, processes: int) -> Iterator[tuple[bytes, dict]]:
+  """Renders the jobs (see _render_chunk) over `processes` worker processes, yielding the results in job order."""
   from tqdm import tqdm
-  return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, mininterval=1.0, leave=False)
+
+  chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
+  arguments = [seed] * len(chunks), [image_size] * len(chunks), chunks
+  with contextlib.ExitStack() as stack:
+    bar = stack.enter_context(tqdm(total=len(jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0,
+                                   leave=False))
+    if processes <= 1 or len(jobs) < _POOL_MIN_IMAGES:
+      results = map(_render_chunk, *arguments)
+    else:
+      # spawn, not fork: the parent may already run JAX or TensorFlow threads. Each worker imports the parent's
+      # main module (seconds), hence _POOL_MIN_IMAGES.
+      pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+      results = stack.enter_context(pool).map(_render_chunk, *arguments)
+    for result in results:
+      bar.update(len(result))
+      yield from result
 
 
 def _generate(root: Path, seed: int, num_train_identities: int, images_per_identity: int, num_pairs: int,
-              image_size: int, train_kind: str, identity_offset: int) -> dict:
+              image_size: int, train_kind: str, identity_offset: int, processes: int) -> dict:
   from adaptface_jax.data import binfile, recordio
 
-  renderer = FaceRenderer(image_size)
   start = time.perf_counter()
   num_train = num_train_identities * images_per_identity
-  train_meta = {key: np.zeros(num_train, np.float32) for key in (
-      "yaw", "age", "light_azimuth", "light_elevation", "light_intensity", "ambient")}
-  train_meta["color_cast"] = np.zeros((num_train, 3), np.float32)
   labels = np.repeat(np.arange(num_train_identities, dtype=np.int64), images_per_identity)
+  train_jobs = [(identity_offset + label, [seed, _TRAIN_NUISANCE_STREAM, identity_offset + label, index], train_kind)
+                for label in range(num_train_identities) for index in range(images_per_identity)]
+  nuisances = []
 
   def train_samples():
-    identities = _IdentityCache(seed)
-    with _progress(num_train, "synthetic train") as bar:
-      for position in range(num_train):
-        label, index = divmod(position, images_per_identity)
-        rng = np.random.default_rng([seed, _TRAIN_NUISANCE_STREAM, identity_offset + label, index])
-        nuisance = sample_nuisance(rng, train_kind)
-        for key in ("yaw", "age", "light_azimuth", "light_elevation", "light_intensity", "ambient"):
-          train_meta[key][position] = nuisance[key]
-        train_meta["color_cast"][position] = (nuisance["cast_r"], nuisance["cast_g"], nuisance["cast_b"])
-        image = renderer.render(identities(identity_offset + label), nuisance, rng)
-        bar.update()
-        yield recordio.encode_image(image, "jpg", 95), int(label)
+    for (image, nuisance), label in zip(_render(seed, image_size, train_jobs, "synthetic train", processes), labels):
+      nuisances.append(nuisance)
+      yield image, int(label)
 
   recordio.write_insightface_record(root / "train", train_samples(), image_format="jpg", quality=95)
+  train_meta = {key: np.asarray([n[key] for n in nuisances], np.float32) for key in (
+      "yaw", "age", "light_azimuth", "light_elevation", "light_intensity", "ambient")}
+  train_meta["color_cast"] = np.asarray([(n["cast_r"], n["cast_g"], n["cast_b"]) for n in nuisances], np.float32)
   np.savez(root / "train" / "meta.npz", label=labels, identity=identity_offset + labels,
            domain=domain_of(train_meta["yaw"], train_meta["age"]), **train_meta)
 
@@ -703,21 +728,16 @@ def _generate(root: Path, seed: int, num_train_identities: int, images_per_ident
   first_eval_id = identity_offset + num_train_identities
   eval_ids = np.arange(first_eval_id, first_eval_id + NUM_FOLDS * ids_per_fold, dtype=np.int64)
   plans = [_plan_pairs(seed, index, num_pairs, eval_ids) for index in range(len(BENCHMARKS))]
-  jobs = [(int(identity), benchmark, slot) for benchmark, (identities, _) in enumerate(plans)
-          for slot, identity in enumerate(identities)]
-  jobs.sort()  # grouped by identity, so that every identity is built once
+  slots = sorted((int(identity), benchmark, slot) for benchmark, (identities, _) in enumerate(plans)
+                 for slot, identity in enumerate(identities))  # grouped by identity: each is built once per chunk
+  jobs = [(identity, [seed, _PAIR_NUISANCE_STREAM, benchmark, slot], _BENCHMARK_SIDES[BENCHMARKS[benchmark]][slot % 2])
+          for identity, benchmark, slot in slots]
   encoded = [[b""] * (2 * num_pairs) for _ in BENCHMARKS]
   meta = [{key: np.zeros(2 * num_pairs, np.float32) for key in ("yaw", "age")} for _ in BENCHMARKS]
-  identities = _IdentityCache(seed)
-  with _progress(len(jobs), "synthetic benchmarks") as bar:
-    for identity_id, benchmark, slot in jobs:
-      kind = _BENCHMARK_SIDES[BENCHMARKS[benchmark]][slot % 2]
-      rng = np.random.default_rng([seed, _PAIR_NUISANCE_STREAM, benchmark, slot])
-      nuisance = sample_nuisance(rng, kind)
-      meta[benchmark]["yaw"][slot], meta[benchmark]["age"][slot] = nuisance["yaw"], nuisance["age"]
-      encoded[benchmark][slot] = recordio.encode_image(renderer.render(identities(identity_id), nuisance, rng),
-                                                       "jpg", 95)
-      bar.update()
+  rendered = _render(seed, image_size, jobs, "synthetic benchmarks", processes)
+  for (_, benchmark, slot), (image, nuisance) in zip(slots, rendered):
+    meta[benchmark]["yaw"][slot], meta[benchmark]["age"][slot] = nuisance["yaw"], nuisance["age"]
+    encoded[benchmark][slot] = image
   for benchmark, name in enumerate(BENCHMARKS):
     identities_of_images, issame = plans[benchmark]
     binfile.write_bin(root / f"{name}.bin", encoded[benchmark], issame)
@@ -728,7 +748,7 @@ def _generate(root: Path, seed: int, num_train_identities: int, images_per_ident
   num_images = num_train + len(jobs)
   return {"num_classes": num_train_identities, "num_train_images": num_train, "num_pairs": num_pairs,
           "num_eval_identities": int(len(eval_ids)), "images": num_images, "seconds": round(seconds, 2),
-          "images_per_second": round(num_images / seconds, 1)}
+          "images_per_second": round(num_images / seconds, 1), "processes": processes}
 
 
 def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, num_train_identities: int = 300,
@@ -762,8 +782,9 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
   scratch.mkdir()
   try:
     logger.info("generating the synthetic face world %s into %s", name, root)
+    from adaptface_jax import runtime
     stats = _generate(scratch, seed, num_train_identities, images_per_identity, num_pairs, image_size, train_kind,
-                      identity_offset)
+                      identity_offset, processes=runtime.usable_cpus())
     marker = dict(stats, seed=seed, num_train_identities=num_train_identities,
                   images_per_identity=images_per_identity, image_size=image_size, train_kind=train_kind,
                   identity_offset=identity_offset, renderer_version=RENDERER_VERSION)
@@ -779,6 +800,6 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
   finally:
     if scratch.exists():
       shutil.rmtree(scratch, ignore_errors=True)
-  logger.info("synthetic world %s: %d images in %.1f s (%.0f images/s, one process)", name, stats["images"],
-              stats["seconds"], stats["images_per_second"])
+  logger.info("synthetic world %s: %d images in %.1f s (%.0f images/s, %d processes)", name, stats["images"],
+              stats["seconds"], stats["images_per_second"], stats["processes"])
   return _describe(root)

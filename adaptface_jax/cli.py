@@ -1,0 +1,74 @@
+"""What every command-line entry point shares: its logging, and the handling of errors in what the user gave (a
+file, a flag, a config field): they end the command with one paragraph on stderr and exit status 1, not a
+traceback; `--debug` shows the traceback instead.
+
+The user errors are the ones the project raises when it checks its input: ValueError and its subclasses
+(RecordIOError, CheckpointError, DamagedCheckpoint, FingerprintMismatch), OSError (a missing or unreadable file;
+BackboneUnavailableError: weights neither cached nor downloadable) and pickle.UnpicklingError (a .bin that is not a
+pickle, or a refused one). Anything else is a fault of the program and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import sys
+from typing import Callable
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+_DEBUG = flags.DEFINE_bool("debug", False, "On an error in the input, show the full traceback instead of the "
+                           "one-paragraph message.")
+
+
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
+
+
+def _fail(message: str) -> None:
+  sys.exit(f"error: {message}\n(--debug shows the traceback)")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with an override of a config field that does not exist (ml_collections raises AttributeError
+  or KeyError from deep inside) said in one sentence that names the override and the fields that do exist there."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    _fail(f"{error}\n(--help lists the flags)")
+  except (AttributeError, KeyError) as error:
+    if "--debug" in argv:
+      raise
+    missing, *hint = str(error.args[0] if error.args else error).split("\n")
+    missing = missing.strip("\"'")
+    overrides = [arg for arg in argv if re.match(rf"--\w+\.(\w+\.)*{re.escape(missing)}(\.|=|$)", arg)]
+    if not overrides:
+      raise
+    flag, *path = overrides[0].split("=")[0][2:].split(".")
+    path = path[:path.index(missing) + 1]
+    parent = flags.FLAGS[flag].value
+    if parent is None:  # absl had not stored the loaded config yet
+      given = [b if a == f"--{flag}" else a.split("=", 1)[1] for a, b in zip(argv, argv[1:] + [""])
+               if a == f"--{flag}" or a.startswith(f"--{flag}=")]
+      parent = flags.FLAGS[flag].parser.parse(given[-1]) if given else None
+    for name in path[:-1]:
+      parent = parent.get(name) if hasattr(parent, "get") else None
+    known = f" Its fields there: {', '.join(sorted(parent.keys()))}." if hasattr(parent, "keys") else ""
+    _fail(f"{overrides[0]}: the config has no field `{'.'.join(path)}`.{known} {' '.join(hint)}".rstrip())
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """absl's app.run(main), with the project's user errors printed as messages (see the module docstring), and
+  the project's progress logged at INFO while the libraries' (orbax, absl) show from WARNING up."""
+  def guarded(argv):
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("adaptface_jax").setLevel(logging.INFO)
+    try:
+      return main(argv)
+    except USER_ERRORS as error:
+      if _DEBUG.value:
+        raise
+      _fail(str(error))
+
+  app.run(guarded, flags_parser=_parse_flags)
