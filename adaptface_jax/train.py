@@ -177,6 +177,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if int(state.step) >= steps:  # rerunning a finished command must not rewrite its summary or results
       log.info("%s is finished (step %d of %d): nothing to do", workdir, int(state.step), steps)
       manager.close()
+      if not (workdir / "summary.json").exists() and jax.process_index() == 0:
+        # The run ended between its final checkpoint and its summary: write the summary from its metrics log.
+        logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        final = {k: v for line in logged for k, v in line.items() if k not in ("step", "time")}
+        _write_summary(workdir, config, state, frozen, steps, final, wall_time=None)
+        log.info("wrote its missing summary.json")
       return {}
     log.info("resumed from step %d", int(state.step))
   log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())

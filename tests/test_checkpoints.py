@@ -110,4 +110,13 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, finished_run, caplog
   assert train.train_and_evaluate(config, str(workdir)) == {}
   assert f"{workdir} is finished (step 4 of 4): nothing to do" in caplog.text
   assert files() == before
-  assert json.loads((workdir / "summary.json").read_text())["final_metrics"]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["final_metrics"]
+  # A run that ended between its final checkpoint and its summary gets the summary on rerun, nothing else changes.
+  (workdir / "summary.json").unlink()
+  del before[workdir / "summary.json"]
+  assert train.train_and_evaluate(config, str(workdir)) == {}
+  assert {p: v for p, v in files().items() if p.name != "summary.json"} == before
+  rewritten = json.loads((workdir / "summary.json").read_text())
+  assert rewritten["final_metrics"] == summary["final_metrics"]
+  assert rewritten["steps"] == summary["steps"] and rewritten["trainable_params"] == summary["trainable_params"]
