@@ -110,7 +110,7 @@ class FaceModel(nn.Module):
     feature = feature.astype(jnp.float32)
     raw = self.head(feature) if self.head is not None else feature
     # The verification protocol sums raw embeddings of an image and its flip before normalising.
-    return {"embedding": losses.l2_normalize(raw), "embedding_raw": raw, "feature": feature,
+    return {"embedding": losses.safe_l2_normalize(raw), "embedding_raw": raw, "feature": feature,
             "domain_logits": logits, "domain_weights": weights}
 
 

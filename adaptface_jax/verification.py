@@ -52,7 +52,8 @@ def fold_slices(num_pairs: int, num_folds: int) -> list[slice]:
   return [slice(int(end - size), int(end)) for end, size in zip(ends, sizes)]
 
 
-def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+def strict_l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+  """Rows divided by their norms; a zero row is an error (training's losses.safe_l2_normalize maps it to zero)."""
   norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings))
   zero_rows = np.flatnonzero(norms == 0)
   if zero_rows.size:
@@ -244,7 +245,7 @@ def evaluate_pairs(embeddings, issame, *, embeddings_flip=None, num_folds: int =
   """
   embeddings, issame, embeddings_flip = _check_inputs(embeddings, issame, embeddings_flip, num_folds)
   combined = embeddings if embeddings_flip is None else embeddings + embeddings_flip
-  dist = pair_distances(l2_normalize(combined))
+  dist = pair_distances(strict_l2_normalize(combined))
 
   result: dict[str, Any] = {"num_pairs": int(len(issame)), "num_same": int(issame.sum()), "num_folds": num_folds,
                             "flip": embeddings_flip is not None}
@@ -257,7 +258,7 @@ def evaluate_pairs(embeddings, issame, *, embeddings_flip=None, num_folds: int =
   result["best_threshold_note"] = OPTIMISTIC_LABEL
   result["accuracy_noflip"] = result["accuracy_noflip_std"] = None
   if embeddings_flip is not None:
-    noflip = kfold_accuracy(pair_distances(l2_normalize(embeddings)), issame, num_folds)
+    noflip = kfold_accuracy(pair_distances(strict_l2_normalize(embeddings)), issame, num_folds)
     result["accuracy_noflip"], result["accuracy_noflip_std"] = noflip["accuracy"], noflip["accuracy_std"]
 
   if result["auc"] < 0.5:

@@ -276,22 +276,6 @@ def test_corrupt_image_raises_by_default_and_is_skipped_on_request(tmp_path, cap
   assert "key 2: corrupt image" in caplog.text and "skipped" in caplog.text
 
 
-def test_shard_keys_are_disjoint_equal_and_drop_only_the_remainder(tmp_path):
-  _write_png_world(tmp_path, [i % 4 for i in range(11)], size=8)
-  record = InsightFaceRecord(tmp_path)
-  for process_count in (1, 2, 3, 4):
-    shards = [record.shard_keys(index, process_count) for index in range(process_count)]
-    assert {len(shard) for shard in shards} == {11 // process_count}
-    joined = np.concatenate(shards)
-    assert len(set(joined.tolist())) == len(joined)
-    assert joined.tolist() == record.image_keys[:len(joined)].tolist()  # contiguous, remainder at the end
-    assert 11 - len(joined) == 11 % process_count
-  with pytest.raises(ValueError):
-    record.shard_keys(3, 3)
-  with pytest.raises(ValueError, match="cannot be shared"):
-    record.shard_keys(0, 12)
-
-
 def test_write_rejects_bad_samples(tmp_path):
   image = smooth_image(0, 16)
   with pytest.raises(ValueError, match=r"labels \[1\] \(of K=3\) have no image"):

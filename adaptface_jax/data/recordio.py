@@ -564,19 +564,6 @@ class InsightFaceRecord:
       logger.warning("%s; skipped", message)
       return None
 
-  def shard_keys(self, process_index: int, process_count: int) -> np.ndarray:
-    """This process's contiguous slice of `image_keys`.
-
-    Every process gets exactly `num_images // process_count` keys, so all hosts run the same number of steps;
-    the last `num_images % process_count` keys are left out.
-    """
-    if process_count < 1 or not 0 <= process_index < process_count:
-      raise ValueError(f"need 0 <= process_index < process_count, got {process_index} of {process_count}")
-    per_process = self.num_images // process_count
-    if per_process == 0:
-      raise ValueError(f"{self.rec_path}: {self.num_images} images cannot be shared by {process_count} processes")
-    return self.image_keys[process_index * per_process:(process_index + 1) * per_process].copy()
-
 
 def _as_encoded(image, image_format: str, quality: int, sample_index: int) -> bytes:
   if isinstance(image, (bytes, bytearray, memoryview)):
