@@ -19,16 +19,16 @@ from pathlib import Path
 
 import ml_collections
 
+from adaptface_jax.data.synthetic import BENCHMARKS as SYNTHETIC_BENCHMARKS
+from adaptface_jax.verification import STANDARD_BENCHMARKS
+
 BACKBONES = {"dino": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch16"}
 # Backbones pretrained on the synthetic face world (configs/pretrain.py), shipped as transformers snapshots: what the
-# offline `demo` adapts. They have never seen a real face. A family without a shipped snapshot (CLIP, for now) runs
-# its demo on a random-initialised backbone of the same architecture (the machinery, not the method).
+# offline `demo` adapts. They have never seen a real face.
 SYNTHETIC_BACKBONES = {family: str(Path(__file__).resolve().parents[1] / "synthetic_backbones" / folder)
                        for family, folder in (("dino", "dinov2_192x6"), ("clip", "clip_192x6"))}
 SYNTHETIC_ARCHITECTURES = {"dino": "synthface-dinov2", "clip": "synthface-clip"}  # hf_weights.PRESETS
 TINY_BACKBONES = {"dino": "tiny-dinov2", "clip": "tiny-clip"}
-STANDARD_BENCHMARKS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
-SYNTHETIC_BENCHMARKS = ("synth_lfw", "synth_cfp_fp", "synth_agedb")
 # Domains of DA-LoRA in the seed: general / pose / age (the synthetic world labels its images with these).
 DEFAULT_DOMAINS = 3
 

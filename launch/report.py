@@ -20,7 +20,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-STANDARD = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
 # Published numbers (recipe notes): not runs of this project.
 PUBLISHED = [
     {"run": "published: AdaptFace EXP-001 DINOv2 ViT-S + LoRA (CASIA, 40 ep)", "lfw": 90.45, "cfp_fp": 71.81,
