@@ -264,12 +264,10 @@ class RecordIOReader:
                           f"{record_offset}); expected 0x{MAGIC:08x}: wrong offset in the .idx or a corrupt file")
     return lrec >> _LENGTH_BITS, lrec & _MAX_LENGTH
 
-  def _read_record(self, offset: int, prefix_length: int | None = None) -> tuple[bytes, int]:
-    """(payload, offset of the next record). With prefix_length, stops once that many payload bytes are known."""
-    parts = []
-    known = 0
-    position = offset
-    expect_first = True
+  def _parts(self, offset: int) -> Iterator[tuple[int, int, int]]:
+    """(data offset, length, offset after the part) of each part of the record whose first part starts at `offset`,
+    checked: the magic, the order of the continuation flags, and that each payload lies inside the file."""
+    position, expect_first = offset, True
     while True:
       cflag, length = self._read_part_header(position, offset)
       if expect_first and cflag not in (_CFLAG_WHOLE, _CFLAG_FIRST):
@@ -279,19 +277,26 @@ class RecordIOReader:
         raise RecordIOError(f"{self.rec_path}: record at byte offset {offset} has a part with cflag {cflag} at "
                             f"byte offset {position} where a continuation (2 or 3) was expected")
       data_offset = position + _RECORD_HEADER.size
-      if prefix_length is not None and cflag == _CFLAG_WHOLE:
-        length_to_read = min(length, prefix_length)
-        if data_offset + length > self.file_size:
-          raise RecordIOError(f"{self.rec_path}: truncated record at byte offset {offset}: its payload needs "
-                              f"{length} bytes from offset {data_offset}, the file has {self.file_size} bytes")
-      else:
-        length_to_read = length
-      parts.append(self._pread_exact(length_to_read, data_offset, offset, f"the {length}-byte payload"))
-      known += length_to_read
+      if data_offset + length > self.file_size:
+        raise RecordIOError(f"{self.rec_path}: truncated record at byte offset {offset}: its payload needs "
+                            f"{length} bytes from offset {data_offset}, the file has {self.file_size} bytes")
       position = data_offset + length + _padding(length)
+      yield data_offset, length, position
       if cflag in (_CFLAG_WHOLE, _CFLAG_LAST):
-        return _MAGIC_BYTES.join(parts), position
+        return
       expect_first = False
+
+  def _read_record(self, offset: int, prefix_length: int | None = None) -> tuple[bytes, int]:
+    """(payload, offset of the next record). With prefix_length, reads only until that many payload bytes are
+    known (the parts are still walked, for the next offset)."""
+    parts, known, end = [], 0, offset
+    for data_offset, length, end in self._parts(offset):
+      if prefix_length is not None and known >= prefix_length:
+        continue
+      take = length if prefix_length is None else min(length, prefix_length - known)
+      parts.append(self._pread_exact(take, data_offset, offset, f"the {length}-byte payload"))
+      known += take + len(_MAGIC_BYTES)  # the parts are joined by the magic they were split at
+    return _MAGIC_BYTES.join(parts), end
 
   def read_at(self, offset: int) -> bytes:
     """The payload of the record whose first part starts at this byte offset."""
@@ -307,22 +312,8 @@ class RecordIOReader:
   def _scan_offsets(self) -> Iterator[int]:
     position = 0
     while position < self.file_size:
-      record_offset = position
-      expect_first = True
-      while True:
-        cflag, length = self._read_part_header(position, record_offset)
-        if expect_first and cflag not in (_CFLAG_WHOLE, _CFLAG_FIRST):
-          raise RecordIOError(f"{self.rec_path}: record at byte offset {record_offset} starts with a continuation "
-                              f"part (cflag {cflag})")
-        end = position + _RECORD_HEADER.size + length
-        if end > self.file_size:
-          raise RecordIOError(f"{self.rec_path}: truncated record at byte offset {record_offset}: its payload ends "
-                              f"at byte {end}, the file has {self.file_size} bytes")
-        position = end + _padding(length)
-        if cflag in (_CFLAG_WHOLE, _CFLAG_LAST):
-          break
-        expect_first = False
-      yield record_offset
+      yield position
+      *_, (_, _, position) = self._parts(position)
 
   def __iter__(self) -> Iterator[tuple[int, bytes]]:
     """(key, payload) pairs: in `.idx` order with an index, in file order (keys 0, 1, ...) without one."""
