@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing
@@ -656,9 +657,13 @@ def _plan_pairs(seed: int, benchmark_index: int, num_pairs: int, eval_ids: np.nd
   return np.asarray(identities, np.int64), np.asarray(issame, bool)
 
 
-_RENDERERS: dict[int, "FaceRenderer"] = {}
 _CHUNK = 120  # images per task of the rendering pool: a few identities' worth, about a second of work
 _POOL_MIN_IMAGES = 4000  # below this, starting the worker processes costs more than it saves
+
+
+@functools.lru_cache
+def _renderer(image_size: int) -> "FaceRenderer":
+  return FaceRenderer(image_size)
 
 
 def _render_chunk(seed: int, image_size: int, jobs: list[tuple[int, list[int], str]]) -> list[tuple[bytes, dict]]:
@@ -666,9 +671,7 @@ def _render_chunk(seed: int, image_size: int, jobs: list[tuple[int, list[int], s
   depends on its job alone, so any process may render any chunk."""
   from adaptface_jax.data import recordio
 
-  if image_size not in _RENDERERS:
-    _RENDERERS[image_size] = FaceRenderer(image_size)
-  renderer = _RENDERERS[image_size]
+  renderer = _renderer(image_size)
   out, identity = [], None
   for identity_id, stream, kind in jobs:
     if identity is None or identity.identity_id != identity_id:  # jobs come grouped by identity
