@@ -31,14 +31,6 @@ from adaptface_jax.metrics_log import MetricsLog
 log = logging.getLogger(__name__)
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jnp.ndarray
-  trainable: Any
-  opt_state: Any
-  rng: jnp.ndarray  # raw uint32 key, folded with the step: the same randomness however a run was interrupted
-
-
 def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_config, step=None):
   """Margin loss + weighted domain losses. Returns (total, metrics).
 
@@ -131,26 +123,6 @@ def jit_train_step(model, tx, schedule, loss_config, mesh: Mesh):
 def _global_batch(local_batch: dict, sharding) -> dict:
   """Per-process numpy batch -> one global array per key, sharded over the data axis of all devices."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
-  """Model, initial state, frozen tree and optimizer for a config (the backbone weights are loaded here)."""
-  backbone = hf_weights.load_backbone(config.model.backbone, random_init=config.model.random_init,
-                                      seed=config.seed)
-  model = face_model.create_model(config, backbone.config)
-  labelled = len(DOMAIN_NAMES)
-  if (config.router.mode == "oracle" or config.loss.supervised_weight > 0) and model.num_domains != labelled:
-    raise ValueError(f"oracle routing and the supervised domain loss use the data's {labelled} domain labels "
-                     f"{DOMAIN_NAMES}; they need adapter.num_domains == {labelled}, not {model.num_domains}")
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, state_rng = jax.random.split(rng)
-  variables = jax.jit(lambda r: face_model.init_variables(model, r, num_classes))(init_rng)
-  variables["params"]["backbone"] = backbone.params
-  trainable, frozen = partition.split(variables, config.trainable)
-  tx, schedule = optim.make_optimizer(config.optim, steps)
-  state = TrainState(step=jnp.asarray(0, jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
-                     rng=state_rng)
-  return model, state, frozen, tx, schedule
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -265,20 +237,3 @@ def _make_evaluator(config, model, frozen, mesh):
     return None
   from adaptface_jax import evaluation
   return evaluation.Evaluator(config, model, frozen, mesh)
-
-
-def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
-  """(config, model, variables, meta) of a finished or running training run, for evaluation and export."""
-  workdir = Path(workdir).expanduser()
-  if not (workdir / "config.json").exists():
-    raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  manager = checkpoints.Checkpoints(workdir / "checkpoints", best_metric=config.eval.best_metric)
-  step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
-  if step is None:
-    raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
-  meta = manager.read_meta(step, which)
-  model, state, frozen, _, _ = setup(config, meta["num_classes"], steps=max(int(meta.get("total_steps", 1)), 1))
-  state = manager.restore(state, step=step, which=which, expected_fingerprint=checkpoints.fingerprint(frozen))
-  manager.close()
-  return config, model, partition.merge(state.trainable, frozen), meta

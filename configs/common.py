@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ml_collections
 
-from adaptface_jax.data.synthetic import BENCHMARKS as SYNTHETIC_BENCHMARKS
+from adaptface_jax.data.common import SYNTHETIC_BENCHMARKS
 from adaptface_jax.verification import STANDARD_BENCHMARKS
 
 BACKBONES = {"dino": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch16"}

@@ -124,7 +124,8 @@ def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
 
 
 def _grayscale(image: tf.Tensor) -> tf.Tensor:
-  return tf.reduce_sum(image * tf.constant([0.2989, 0.587, 0.114]), axis=-1, keepdims=True)
+  """torchvision's rgb_to_grayscale of a uint8 image (its weights, truncated to whole grey levels), as float32."""
+  return tf.floor(tf.reduce_sum(image * tf.constant([0.2989, 0.587, 0.114]), axis=-1, keepdims=True))
 
 
 def _affine(image: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
@@ -161,23 +162,28 @@ def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
 def _randaugment_ops(image: tf.Tensor, level: tf.Tensor, sign: tf.Tensor) -> list:
   """The ops as zero-argument branches; `level` = magnitude / 30 in [0, 1], `sign` = +-1."""
   pixels = tf.cast(image, tf.float32)
-  size = tf.cast(tf.shape(image)[1], tf.float32)
+  height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
   signed = level * sign
 
   def as_uint8(values):
     return tf.cast(values, tf.uint8)  # truncation, as torchvision does for uint8 images
 
+  # Shears are about the image's top-left corner (the outer corner of its first pixel, at -0.5, -0.5), not its
+  # centre: torchvision's RandAugment shears with center=[0, 0], as the official AutoAugment does.
   def shear_x():
-    return _centred(image, tf.stack([[1.0, 0.3 * signed], [0.0, 1.0]]))
+    return _affine(image, tf.stack([[1.0, 0.3 * signed, 0.15 * signed], [0.0, 1.0, 0.0]]))
 
   def shear_y():
-    return _centred(image, tf.stack([[1.0, 0.0], [0.3 * signed, 1.0]]))
+    return _affine(image, tf.stack([[1.0, 0.0, 0.0], [0.3 * signed, 1.0, 0.15 * signed]]))
+
+  def whole_pixels(shift):  # truncated toward zero, as torchvision's int(magnitude)
+    return tf.cast(tf.cast(shift, tf.int32), tf.float32)
 
   def translate_x():
-    return _affine(image, tf.stack([[1.0, 0.0, -150.0 / 331.0 * size * signed], [0.0, 1.0, 0.0]]))
+    return _affine(image, tf.stack([[1.0, 0.0, -whole_pixels(150.0 / 331.0 * width * signed)], [0.0, 1.0, 0.0]]))
 
   def translate_y():
-    return _affine(image, tf.stack([[1.0, 0.0, 0.0], [0.0, 1.0, -150.0 / 331.0 * size * signed]]))
+    return _affine(image, tf.stack([[1.0, 0.0, 0.0], [0.0, 1.0, -whole_pixels(150.0 / 331.0 * height * signed)]]))
 
   def rotate():
     angle = np.pi / 6 * signed  # up to 30 degrees
@@ -213,9 +219,11 @@ def _randaugment_ops(image: tf.Tensor, level: tf.Tensor, sign: tf.Tensor) -> lis
   def autocontrast():
     low = tf.reduce_min(pixels, axis=[0, 1], keepdims=True)
     high = tf.reduce_max(pixels, axis=[0, 1], keepdims=True)
-    scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1.0), 1.0)
+    spread = tf.where(high > low, high - low, 255.0)
     offset = tf.where(high > low, low, 0.0)
-    return as_uint8(tf.clip_by_value((pixels - offset) * scale, 0.0, 255.0))
+    # (v - low) * 255 is exact, so the division rounds once and whole levels stay whole: v = high gives 255, where
+    # (v - low) * (255 / spread) can give 254.99998 (spread 252), truncated to 254
+    return as_uint8(tf.clip_by_value((pixels - offset) * 255.0 / spread, 0.0, 255.0))
 
   def equalize():
     return tf.stack([_equalize_channel(image[..., channel]) for channel in range(3)], axis=-1)

@@ -39,21 +39,20 @@ from typing import Iterator
 
 import numpy as np
 
+from adaptface_jax.data.common import DOMAIN_NAMES, RENDERER_VERSION, default_cache_dir
+from adaptface_jax.data.common import SYNTHETIC_BENCHMARKS as BENCHMARKS
+
 logger = logging.getLogger(__name__)
 
-DOMAIN_NAMES = ("general", "pose", "age")
 # A pose-domain image turns at least this far (degrees); otherwise an age-domain image is at least this old.
 POSE_DOMAIN_MIN_YAW = 45.0
 AGE_DOMAIN_MIN_AGE = 0.65
 
-BENCHMARKS = ("synth_lfw", "synth_cfp_fp", "synth_agedb")
 # Nuisance kinds of the a and b image of every pair.
 _BENCHMARK_SIDES = {"synth_lfw": ("general", "general"), "synth_cfp_fp": ("frontal", "profile"),
                     "synth_agedb": ("young", "old")}
 NUM_FOLDS = 10
 COMPLETE_MARKER = "COMPLETE.json"
-# Bumped whenever the rendering changes, so that cached worlds of an older renderer are not reused.
-RENDERER_VERSION = 1
 
 # Random streams of the world (SeedSequence entropy = [seed, stream, ...]).
 _IDENTITY_STREAM, _TRAIN_NUISANCE_STREAM, _PAIR_PLAN_STREAM, _PAIR_NUISANCE_STREAM = 1, 2, 3, 4
@@ -601,10 +600,6 @@ def pixel_baseline(images: np.ndarray, issame: np.ndarray, num_folds: int = NUM_
 
 # ---------------------------------------------------------------------------------------------------------------
 # The world on disk
-
-
-def default_cache_dir() -> Path:
-  return Path(os.environ.get("ADAPTFACE_CACHE") or "~/.cache/adaptface_jax").expanduser()
 
 
 def world_name(*, seed: int, num_train_identities: int, images_per_identity: int, num_pairs: int,

@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from adaptface_jax.data import recordio, synthetic
+from adaptface_jax.data import common, recordio
 
 
 def hide_gpus_from_tensorflow() -> None:
@@ -50,13 +50,12 @@ hide_gpus_from_tensorflow()
 
 IMAGE_SIZE = 112
 PRETRAIN_IDENTITIES, PRETRAIN_IMAGES = 2000, 24
-UNKNOWN_DOMAIN = -1
 _VERSION = tfds.core.Version("1.0.0")
 
 
 def default_data_dir() -> Path:
   """Where TFDS data lives when no data_dir is given: `$ADAPTFACE_CACHE/tfds` (or ~/.cache/adaptface_jax/tfds)."""
-  return synthetic.default_cache_dir() / "tfds"
+  return common.default_cache_dir() / "tfds"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -121,9 +120,9 @@ class SyntheticFaces(_LocalBuilder):
   """The embedded synthetic face world (identities rendered under pose / age / illumination nuisances)."""
 
   # The major version follows the renderer, so that data prepared by an older renderer is not reused.
-  VERSION = tfds.core.Version(f"{synthetic.RENDERER_VERSION}.0.0")
-  RELEASE_NOTES = {f"{synthetic.RENDERER_VERSION}.0.0": "Synthetic face world, renderer version "
-                                                        f"{synthetic.RENDERER_VERSION}."}
+  VERSION = tfds.core.Version(f"{common.RENDERER_VERSION}.0.0")
+  RELEASE_NOTES = {f"{common.RENDERER_VERSION}.0.0": "Synthetic face world, renderer version "
+                                                        f"{common.RENDERER_VERSION}."}
   BUILDER_CONFIGS = [
       SyntheticFacesConfig(name="tiny", description="16 identities x 8 images, 200 pairs per benchmark (tests)",
                            num_train_identities=16, images_per_identity=8, num_pairs=200),
@@ -147,6 +146,7 @@ class SyntheticFaces(_LocalBuilder):
 
   def world(self) -> dict:
     """Generates (or reuses) the world under `<data_dir>/synthetic/`; see synthetic.build_world."""
+    from adaptface_jax.data import synthetic  # the renderer is imported only where a world is built
     return synthetic.build_world(self.data_dir_root, **self.builder_config.world_options())
 
   def _split_generators(self, dl_manager):
@@ -176,6 +176,7 @@ def synthetic_world_for(builder_name: str, data_dir: str | os.PathLike | None = 
   config = configs.get(config_name or SyntheticFaces.DEFAULT_BUILDER_CONFIG_NAME)
   if config is None:
     raise ValueError(f"synthetic_faces has no config {config_name!r}; choose one of {sorted(configs)}")
+  from adaptface_jax.data import synthetic
   return synthetic.build_world(resolve_data_dir(data_dir), **config.world_options())
 
 
@@ -280,7 +281,7 @@ record) works too. Nothing is downloaded.
     for key in record.image_keys.tolist():
       image_bytes, label = record.read(key)
       _check_image(image_bytes, f"{rec_path} key {key}")
-      yield key, {"image": image_bytes, "label": label, "domain": UNKNOWN_DOMAIN}
+      yield key, {"image": image_bytes, "label": label, "domain": common.UNKNOWN_DOMAIN}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,4 +324,4 @@ aligned 112x112 face crops as .jpg / .jpeg / .png files. Labels are assigned in 
       for path in paths:
         image_bytes = path.read_bytes()
         _check_image(image_bytes, str(path))
-        yield f"{name}/{path.name}", {"image": image_bytes, "label": label, "domain": UNKNOWN_DOMAIN}
+        yield f"{name}/{path.name}", {"image": image_bytes, "label": label, "domain": common.UNKNOWN_DOMAIN}
