@@ -36,7 +36,7 @@ class DamagedCheckpoint(ValueError):
 
 def _leaves(tree) -> list[tuple[str, Any]]:
   """(path, leaf) sorted by path: `/`-joined keys, attribute names and indices. For nested dicts these are
-  partition.flatten's paths, which the frozen fingerprints in existing checkpoints were computed with."""
+  trainable_rules.flatten's paths, which the frozen fingerprints in existing checkpoints were computed with."""
   key = lambda k: getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return sorted((("/".join(str(key(k)) for k in path), leaf) for path, leaf in flat), key=lambda item: item[0])

@@ -12,7 +12,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from adaptface_jax import partition, verification
+from adaptface_jax import sharding, trainable_rules, verification
+from adaptface_jax.data.common import DOMAIN_NAMES
+from adaptface_jax.models import face_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains
   domains = np.full((n,), -1, np.int32) if domains is None else domains.astype(np.int32)
   if mesh is not None:  # the batch must split evenly over the devices
     batch_size = -(-batch_size // mesh.size) * mesh.size
-  sharding = partition.shardings(mesh)[1] if mesh is not None else None
+  batch_sharding = sharding.shardings(mesh)[1] if mesh is not None else None
   outputs = []
   for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
     chunk, dom = images[start:start + batch_size], domains[start:start + batch_size]
@@ -50,7 +52,7 @@ def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
       dom = np.concatenate([dom, np.full((pad,), -1, np.int32)])
-    chunk, dom = (partition.put(chunk, sharding), partition.put(dom, sharding)) if sharding else (chunk, dom)
+    chunk, dom = (sharding.put(chunk, batch_sharding), sharding.put(dom, batch_sharding)) if batch_sharding else (chunk, dom)
     # Sharded over other processes' devices too, an output is only readable here once gathered.
     result = [np.asarray(r) if r.is_fully_addressable else multihost_utils.process_allgather(r, tiled=True)
               for r in embed_fn(variables, chunk, dom)]
@@ -118,15 +120,13 @@ class Evaluator:
                        for name, path in benchmark_paths(config).items()}
     self.domain_names = None
     if model.num_domains > 1:
-      from adaptface_jax.data.synthetic import DOMAIN_NAMES
       self.domain_names = list(DOMAIN_NAMES) if model.num_domains == len(DOMAIN_NAMES) else [
           f"domain_{k}" for k in range(model.num_domains)]
 
   def __call__(self, trainable, out_dir: Path | None = None, *, step: int | None = None) -> dict:
-    variables = partition.merge(trainable, self.frozen)
-    variables = {k: v for k, v in variables.items() if k != "margin"}
+    variables, _ = face_model.split_margin(trainable_rules.merge(trainable, self.frozen))
     if self.mesh is not None:  # replicated over the devices that share each batch (a no-op when they already are)
-      variables = partition.put(variables, partition.shardings(self.mesh)[0])
+      variables = sharding.put(variables, sharding.shardings(self.mesh)[0])
     results = {}
     for name, (images, issame, domains) in self.benchmarks.items():
       emb, emb_flip, weights = extract(self.embed_fn, variables, images, batch_size=self.config.eval.batch_size,

@@ -143,24 +143,24 @@ def _eval_overrides() -> dict:
 def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last",
                  overrides: dict | None = None) -> tuple[dict[str, dict], int]:
   """({benchmark: result}, the checkpoint's step); `overrides`: {dotted config field: value}, e.g. eval.max_pairs."""
-  from adaptface_jax import evaluation, partition, train
-  config, model, variables, meta = train.load_run(workdir, step=step, which=which)
+  from adaptface_jax import embeddings, run_state, sharding, trainable_rules
+  config, model, variables, meta = run_state.load_run(workdir, step=step, which=which)
   with config.unlocked():
     config.update_from_flattened_dict(overrides or {})
-  trainable, frozen = partition.split(variables, config.trainable)
+  trainable, frozen = trainable_rules.split(variables, config.trainable)
   print(f"evaluating {workdir} at step {meta['step']}", file=sys.stderr)
-  return evaluation.Evaluator(config, model, frozen, partition.data_mesh())(trainable), int(meta["step"])
+  return embeddings.Evaluator(config, model, frozen, sharding.data_mesh())(trainable), int(meta["step"])
 
 
 def evaluate_untuned(config, backbone: str | None = None, overrides: dict | None = None) -> dict[str, dict]:
   """{benchmark: result} of the config's backbone alone (or of `backbone`): its pooled feature."""
-  from adaptface_jax import evaluation, partition, train
+  from adaptface_jax import embeddings, run_state, sharding
   with config.unlocked():
     if backbone:
       config.model.backbone, config.model.random_init = backbone, False
     config.update_from_flattened_dict(overrides or {})
-  model, state, frozen, _, _ = train.setup(config, num_classes=None, steps=1)
-  return evaluation.Evaluator(config, model, frozen, partition.data_mesh(), output="feature")(state.trainable)
+  model, state, frozen, _, _ = run_state.setup(config, num_classes=None, steps=1)
+  return embeddings.Evaluator(config, model, frozen, sharding.data_mesh(), output="feature")(state.trainable)
 
 
 if __name__ == "__main__":

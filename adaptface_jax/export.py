@@ -16,8 +16,9 @@ import numpy as np
 from absl import flags
 from safetensors.numpy import save_file
 
-from adaptface_jax import cli, hf_weights, partition, train
-from adaptface_jax.lora import QKV_SLICES
+from adaptface_jax import cli, run_state, trainable_rules
+from adaptface_jax.models import hf_weights
+from adaptface_jax.models.lora import QKV_SLICES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -26,8 +27,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 def merge_lora(backbone_params: dict, lora: dict, scale: float) -> dict:
   """Backbone params with every single-domain LoRA delta added to the kernel it adapts."""
-  flat = dict(partition.flatten(jax.device_get(backbone_params)))
-  adapters = partition.flatten(jax.device_get(lora))
+  flat = dict(trainable_rules.flatten(jax.device_get(backbone_params)))
+  adapters = trainable_rules.flatten(jax.device_get(lora))
   for path, lora_a in adapters.items():
     if not path.endswith("lora_a"):
       continue
@@ -47,7 +48,7 @@ def merge_lora(backbone_params: dict, lora: dict, scale: float) -> dict:
       kernel_path = prefix + "/kernel"
       kernel = np.asarray(flat[kernel_path], np.float64) + delta
     flat[kernel_path] = kernel.astype(np.float32)
-  return partition.unflatten(flat)
+  return trainable_rules.unflatten(flat)
 
 
 def _hf_config(vit_config) -> dict:
@@ -69,11 +70,11 @@ def _hf_config(vit_config) -> dict:
 
 
 def export_run(workdir: str, out: str, step: int | None = None) -> Path:
-  config, model, variables, meta = train.load_run(workdir, step=step)
+  config, model, variables, meta = run_state.load_run(workdir, step=step)
   out = Path(out).expanduser()
   out.mkdir(parents=True, exist_ok=True)
   if model.num_domains > 1:
-    flat = {k: np.asarray(v) for k, v in partition.flatten(jax.device_get(variables)).items()}
+    flat = {k: np.asarray(v) for k, v in trainable_rules.flatten(jax.device_get(variables)).items()}
     save_file(flat, out / "adaptface_tree.safetensors")
     (out / "README.txt").write_text(
         "DA-LoRA mixes its K LoRA deltas per image with router weights, so they cannot be merged into one weight\n"

@@ -1,4 +1,4 @@
-"""`python -m adaptface_jax.inspect --config configs/<experiment>.py[:ARGS] [--json]`: the variable tree.
+"""`python -m adaptface_jax.inspect_params --config configs/<experiment>.py[:ARGS] [--json]`: the variable tree.
 
 Shapes only (jax.eval_shape): no weights are read and nothing is downloaded for the known hub architectures.
 """
@@ -11,7 +11,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from adaptface_jax import cli, face_model, partition
+from adaptface_jax import cli, trainable_rules
+from adaptface_jax.models import face_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -20,7 +21,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a tab
 def describe(config) -> dict:
   model = face_model.create_model(config)
   shapes = jax.eval_shape(lambda: face_model.init_variables(model, jax.random.key(0), config.data.num_classes))
-  out = partition.summary(shapes, config.trainable)
+  out = trainable_rules.summary(shapes, config.trainable)
   out["experiment"] = config.get("experiment", "")
   out["backbone"] = config.model.backbone
   if not config.data.num_classes:

@@ -14,9 +14,8 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,8 +23,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from adaptface_jax import checkpoints, face_model, hf_weights, losses, optim, partition
-from adaptface_jax.data.synthetic import DOMAIN_NAMES
+from adaptface_jax import checkpoints, losses, sharding, trainable_rules
+from adaptface_jax.models import face_model
+from adaptface_jax.run_state import TrainState, setup
 from adaptface_jax.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,13 @@ def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_
   With loss_config.margin_warmup_steps > 0 the cosine margin m3 grows linearly from 0 over that many steps (`step`):
   a backbone trained from scratch first learns under a plain normalised softmax, then under the CosFace margin.
   """
-  variables = partition.merge(trainable, frozen)
-  margin = variables.pop("margin")
+  variables, centers = face_model.split_margin(trainable_rules.merge(trainable, frozen))
   out = model.apply(variables, batch["image"], batch.get("domain"), train=True, rngs={"dropout": rng})
   c = loss_config
   ramp = 1.0
   if c.get("margin_warmup_steps", 0) and step is not None:
     ramp = jnp.minimum(1.0, step / c.margin_warmup_steps)
-  margin_value, aux = losses.margin_loss(out["embedding"], margin["centers"], batch["label"], scale=c.scale,
+  margin_value, aux = losses.margin_loss(out["embedding"], centers, batch["label"], scale=c.scale,
                                          m1=c.m1, m2=c.m2, m3=c.m3 * ramp)
   metrics = {"loss/margin": margin_value, "train_accuracy": aux["accuracy"]}
   total = margin_value
@@ -115,7 +114,7 @@ def total_steps(config, num_examples: int) -> int:
 
 def jit_train_step(model, tx, schedule, loss_config, mesh: Mesh):
   """The train step jitted for `mesh`: state and frozen replicated, the batch sharded; the state is donated."""
-  replicated, batch_sharding = partition.shardings(mesh)
+  replicated, batch_sharding = sharding.shardings(mesh)
   return jax.jit(make_train_step(model, tx, schedule, loss_config), donate_argnums=0,
                  in_shardings=(replicated, replicated, batch_sharding), out_shardings=(replicated, replicated))
 
@@ -132,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = Path(workdir).expanduser()
   # Everything that can refuse the run (batch, data, backbone, checkpoints, benchmarks) is checked before the
   # workdir is created or written: a refused command leaves no half-made workdir behind.
-  mesh = partition.data_mesh()
+  mesh = sharding.data_mesh()
   if config.data.batch_size <= 0 or config.data.batch_size % mesh.size:
     raise ValueError(f"--config.data.batch_size={config.data.batch_size}: the global batch must be a positive "
                      f"multiple of the {mesh.size} device(s) it is sharded over")
@@ -158,9 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {}
     log.info("resumed from step %d", int(state.step))
   log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())
-  replicated, batch_sharding = partition.shardings(mesh)
-  state = partition.put(state, replicated)
-  frozen = partition.put(frozen, replicated)
+  replicated, batch_sharding = sharding.shardings(mesh)
+  state = sharding.put(state, replicated)
+  frozen = sharding.put(frozen, replicated)
   step_fn = jit_train_step(model, tx, schedule, config.loss, mesh)
 
   from adaptface_jax.data import pipeline
@@ -235,5 +234,5 @@ def _make_evaluator(config, model, frozen, mesh):
   """Periodic verification on config.eval.benchmarks (None when none are configured)."""
   if not config.eval.benchmarks:
     return None
-  from adaptface_jax import evaluation
-  return evaluation.Evaluator(config, model, frozen, mesh)
+  from adaptface_jax import embeddings
+  return embeddings.Evaluator(config, model, frozen, mesh)

@@ -1,9 +1,9 @@
 """One rule set decides what trains.
 
 `config.trainable` is an ordered list of (regex, "train" | "freeze") pairs matched against `/`-joined leaf paths of
-the whole variable tree (`params/backbone/blocks_0/qkv/kernel`, `lora/...`, `margin/centers`); the first match wins
-and a leaf that no rule matches is an error. What is differentiated, what the optimizer sees, what is checkpointed
-and what `inspect` marks trainable all come from `split` below.
+the whole variable tree (models/face_model.py describes it), such as `params/backbone/blocks_0/qkv/kernel`; the first
+match wins and a leaf that no rule matches is an error. What is differentiated, what the optimizer sees, what is
+checkpointed and what `inspect_params` marks trainable all come from `split` below.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       benchmarks=STANDARD_BENCHMARKS,
       bin_dir="~/data/faces_webface_112x112",  # where lfw.bin, cfp_fp.bin, ... are
-      max_pairs=0,  # > 0: evaluate a subset of N pairs (see evaluation.py); 0: all pairs
+      max_pairs=0,  # > 0: evaluate a subset of N pairs (see embeddings.py); 0: all pairs
       batch_size=256,
       every_steps=0,  # 0: once per epoch
       world="",  # with bin_dir "": the synthetic_faces/<config> whose benchmarks to use ("": data.train's own)

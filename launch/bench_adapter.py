@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptface_jax.lora import AdaptedDense, AdapterSpec
+from adaptface_jax.models.lora import AdaptedDense, AdapterSpec
 
 
 def timed(fn, *args, repeats):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptface_jax import attention, partition, runtime
+from adaptface_jax import runtime, sharding
+from adaptface_jax.models import attention
 from launch.bench_adapter import timed
 
 SETTINGS = {"vit_s14_112": (64, 6, 65, 64), "vit_s14_224": (32, 6, 257, 64), "vit_b16_224": (16, 12, 197, 64)}
@@ -51,7 +52,7 @@ def main():
   args = parser.parse_args()
   runtime.use_tcmalloc()
   runtime.use_cpu_devices(math.gcd(*(batch for batch, *_ in SETTINGS.values())))
-  batch_sharding = partition.shardings(partition.data_mesh())[1]
+  batch_sharding = sharding.shardings(sharding.data_mesh())[1]
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
   print(f"{'setting':<12} {'pass':<9} {'textbook GFLOP/s':>17} {'ours GFLOP/s':>13} {'speed-up':>9} "
         f"{'torch sdpa GFLOP/s':>19}")

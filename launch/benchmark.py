@@ -12,7 +12,7 @@ Settings (`--settings` takes names or their prefix before the '/'):
   dino112/lora, dino112/dalora_patch_mean, dino112/dalora_frozen_cls    DINOv2 ViT-S/14, 112 px, batch 64
   dino224/lora, dino224/dalora_patch_mean, dino224/dalora_frozen_cls    DINOv2 ViT-S/14, 224 px, batch 32
   clip224/lora                                                          CLIP ViT-B/16, 224 px, batch 16
-The reference (`TorchReference`) exists for the LoRA settings only; DA-LoRA (K=3) is ours alone.
+The reference (`TorchReference`, launch/torch_reference.py) exists for the LoRA settings only; DA-LoRA (K=3) is ours alone.
 
 Threads: by default both runtimes use every CPU the process may use (torch.set_num_threads; XLA sizes its pool
 from the CPU affinity). On a machine shared with other jobs, a worker thread that the OS deschedules stalls
@@ -35,7 +35,7 @@ median over rounds reported:
          37x37 position table to the 8x8 grid inside the step.
   embed  forward-only embedding extraction as in verification: the batch and its horizontal flip (2B images),
          eval mode, no gradient, raw 512-d head outputs.
-Ours is `train.jit_train_step` (state donated) and `evaluation.make_embed_fn`, the batch sharded over every JAX
+Ours is `train.jit_train_step` (state donated) and `embeddings.make_embed_fn`, the batch sharded over every JAX
 device as in training: on CPU one device per core (`runtime.use_cpu_devices`; ADAPTFACE_CPU_DEVICES=1 runs ours
 on a single device). Compile time (trace, lower and compile) and the first call are reported apart from the
 steady state. The reference runs eagerly (no torch.compile): its first call is reported, it has no compile step.
@@ -79,7 +79,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,25 +95,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from adaptface_jax import evaluation, face_model, hf_weights, partition, preprocess, runtime, train  # noqa: E402
-from adaptface_jax.vit import ViTConfig  # noqa: E402
+from adaptface_jax import embeddings, run_state, runtime, sharding, train, trainable_rules  # noqa: E402
+from adaptface_jax.models import face_model, hf_weights  # noqa: E402
+from adaptface_jax.models.vit import ViTConfig  # noqa: E402
 from configs import common  # noqa: E402
+from torch_reference import (COSFACE_MARGIN, COSFACE_SCALE, EMBEDDING_DIM, LORA_ALPHA, LORA_RANK,  # noqa: E402
+                             NUM_CLASSES, TorchReference)
 
-# peft calls a transformers method that transformers 5 marks as deprecated; the warning says nothing about speed.
-warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
-NUM_CLASSES = 1000
 INPUT_SIZE = 112  # faces arrive at 112 px on both sides; each step resizes on the device
-LORA_RANK, LORA_ALPHA = 16, 16.0
 NUM_DOMAINS = 3
 ROUTER_HIDDEN = 256
-EMBEDDING_DIM = 512
-COSFACE_SCALE, COSFACE_MARGIN = 64.0, 0.35
-LR, WEIGHT_DECAY, GRAD_CLIP_NORM = 1e-4, 0.05, 5.0
-
-# peft target names of the attention projections in transformers 5 (the counterparts of our qkv + proj).
-PEFT_TARGETS = {"dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "clip": ["q_proj", "k_proj", "v_proj", "out_proj"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,10 +255,10 @@ class OursStack:
     assert (config.adapter.rank, config.adapter.alpha) == (LORA_RANK, LORA_ALPHA)
     assert (config.loss.scale, config.loss.m3, config.model.embedding_dim) == (COSFACE_SCALE, COSFACE_MARGIN,
                                                                                EMBEDDING_DIM)
-    model, state, frozen, tx, schedule = train.setup(config, NUM_CLASSES, steps=1000)
+    model, state, frozen, tx, schedule = run_state.setup(config, NUM_CLASSES, steps=1000)
     # As in training: parameters replicated and the batch sharded over every device (on CPU, one per core).
-    mesh = partition.data_mesh()
-    replicated, batch_sharding = partition.shardings(mesh)
+    mesh = sharding.data_mesh()
+    replicated, batch_sharding = sharding.shardings(mesh)
     state, frozen = jax.device_put((state, frozen), replicated)
     self.vit: ViTConfig = model.vit
     self.backbone_source = config.model.backbone  # the preset name; the reference is built from the same one
@@ -277,8 +267,8 @@ class OursStack:
     self.batch = jax.device_put(batch, batch_sharding)
     self.frozen = frozen
     # Separate copies: the train step donates (and so deletes) the state's buffers.
-    variables = partition.merge(jax.tree.map(jnp.copy, state.trainable), frozen)
-    self.embed_variables = {k: v for k, v in variables.items() if k != "margin"}
+    self.embed_variables, _ = face_model.split_margin(trainable_rules.merge(jax.tree.map(jnp.copy, state.trainable),
+                                                                            frozen))
     self.state = state
 
     start = time.perf_counter()
@@ -286,7 +276,7 @@ class OursStack:
     self._step = step.lower(self.state, self.frozen, self.batch).compile()
     self.train_compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    embed = evaluation.make_embed_fn(model)
+    embed = embeddings.make_embed_fn(model)
     self._embed = embed.lower(self.embed_variables, self.batch["image"], self.batch["domain"]).compile()
     self.embed_compile_s = time.perf_counter() - start
     # XLA's own count for the compiled programs (dots and elementwise ops): a check on the analytic count. It
@@ -302,101 +292,6 @@ class OursStack:
   def embed(self, steps: int) -> None:
     for _ in range(steps):
       jax.block_until_ready(self._embed(self.embed_variables, self.batch["image"], self.batch["domain"]))
-
-
-# ------------------------------------------------------------------------------------------- the reference
-
-
-def hf_vision_config(preset: dict):
-  """A transformers vision config from one of `hf_weights.PRESETS` (the architectures ours is built from)."""
-  from transformers import CONFIG_MAPPING
-  fields = {k: v for k, v in preset.items() if k != "model_type"}
-  model_type = preset["model_type"]
-  if model_type == "clip":  # a full CLIPModel preset: the reference is its vision tower
-    fields, model_type = dict(preset["vision_config"]), "clip_vision_model"
-  return CONFIG_MAPPING[model_type](**fields)
-
-
-def cosface_loss(embeddings: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-  cosine = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(centers, dim=0)
-  margin = torch.nn.functional.one_hot(labels, cosine.shape[1]).to(cosine.dtype) * COSFACE_MARGIN
-  return torch.nn.functional.cross_entropy(COSFACE_SCALE * (cosine - margin), labels)
-
-
-class TorchReference:
-  """The reference: a transformers ViT (random init) + peft LoRA + Linear d->512 + CosFace, AdamW, in PyTorch."""
-
-  def __init__(self, preset: dict, *, image_size: int, batch: dict[str, np.ndarray], device: torch.device,
-               autocast_dtype: torch.dtype | None, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import CLIPVisionModel, Dinov2Model
-
-    torch.manual_seed(seed)
-    hf_config = hf_vision_config(preset)
-    self.family = "dinov2" if hf_config.model_type == "dinov2" else "clip"
-    backbone = (Dinov2Model if self.family == "dinov2" else CLIPVisionModel)(hf_config)
-    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
-                      target_modules=PEFT_TARGETS[self.family])
-    self.backbone = get_peft_model(backbone, lora).to(device)  # freezes every non-LoRA weight
-    self.head = torch.nn.Linear(hf_config.hidden_size, EMBEDDING_DIM).to(device)
-    self.centers = torch.nn.Parameter(0.01 * torch.randn(EMBEDDING_DIM, NUM_CLASSES, device=device))
-    trainable = [p for p in self.backbone.parameters() if p.requires_grad] + list(self.head.parameters())
-    trainable.append(self.centers)
-    self.trainable = trainable
-    self.trainable_params = int(sum(p.numel() for p in trainable))
-    # As ours: weight decay on matrices only.
-    self.optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
-         {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}], lr=LR)
-    # CLIP's position table is for its pretraining size; DINOv2 always interpolates its own.
-    self.forward_kwargs = ({"interpolate_pos_encoding": True}
-                           if self.family == "clip" and image_size != hf_config.image_size else {})
-    mean, std = preprocess.NORMALIZATION[self.family]
-    self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    self.image_size, self.device, self.autocast_dtype = image_size, device, autocast_dtype
-    self.images = torch.from_numpy(batch["image"]).to(device)
-    self.labels = torch.from_numpy(batch["label"]).long().to(device)
-
-  def _autocast(self):
-    if self.autocast_dtype is None:
-      return torch.autocast(self.device.type, enabled=False)
-    return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-  def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
-    x = images.permute(0, 3, 1, 2).float() / 255.0
-    if x.shape[-1] != self.image_size:
-      x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                                          align_corners=False)
-    return (x - self.mean) / self.std
-
-  def _embed_raw(self, images: torch.Tensor) -> torch.Tensor:
-    with self._autocast():
-      feature = self.backbone(pixel_values=self._preprocess(images), **self.forward_kwargs).pooler_output
-    return self.head(feature.float())
-
-  def _sync(self) -> None:
-    if self.device.type == "cuda":
-      torch.cuda.synchronize(self.device)
-
-  def train(self, steps: int) -> None:
-    self.backbone.train()
-    for _ in range(steps):
-      loss = cosface_loss(self._embed_raw(self.images), self.centers, self.labels)
-      self.optimizer.zero_grad(set_to_none=True)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP_NORM)
-      self.optimizer.step()
-    self._sync()
-
-  def embed(self, steps: int) -> None:
-    self.backbone.eval()
-    batch = self.images.shape[0]
-    with torch.inference_mode():
-      for _ in range(steps):
-        raw = self._embed_raw(torch.cat([self.images, self.images.flip(2)]))  # NHWC: dim 2 is the width
-        embeddings, embeddings_flip = raw[:batch], raw[batch:]  # noqa: F841 (as verification uses them)
-      self._sync()
 
 
 # ----------------------------------------------------------------------------------------------------- driver

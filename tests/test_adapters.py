@@ -12,8 +12,9 @@ import pytest
 import torch
 from flax import traverse_util
 
-from adaptface_jax import face_model, load_backbone, partition
-from adaptface_jax.lora import AdaptedDense, AdapterSpec, lora_delta
+from adaptface_jax import load_backbone, trainable_rules
+from adaptface_jax.models import face_model
+from adaptface_jax.models.lora import AdaptedDense, AdapterSpec, lora_delta
 from configs import common
 from conftest import random_images
 
@@ -173,17 +174,17 @@ def test_face_model_outputs_and_router_modes():
 def test_rules_must_cover_every_leaf():
   tree = {"params": {"backbone": {"w": np.zeros(2)}, "head": {"w": np.zeros(3)}}, "lora": {"a": np.zeros(4)}}
   with pytest.raises(ValueError, match="params/head/w"):
-    partition.split(tree, [(r"^lora/", "train"), (r"^params/backbone/", "freeze")])
-  trainable, frozen = partition.split(tree, [(r"^lora/", "train"), (r"^params/head/", "train"), (r".*", "freeze")])
-  assert set(partition.flatten(trainable)) == {"params/head/w", "lora/a"}
-  assert set(partition.flatten(frozen)) == {"params/backbone/w"}
-  assert set(partition.flatten(partition.merge(trainable, frozen))) == set(partition.flatten(tree))
+    trainable_rules.split(tree, [(r"^lora/", "train"), (r"^params/backbone/", "freeze")])
+  trainable, frozen = trainable_rules.split(tree, [(r"^lora/", "train"), (r"^params/head/", "train"), (r".*", "freeze")])
+  assert set(trainable_rules.flatten(trainable)) == {"params/head/w", "lora/a"}
+  assert set(trainable_rules.flatten(frozen)) == {"params/backbone/w"}
+  assert set(trainable_rules.flatten(trainable_rules.merge(trainable, frozen))) == set(trainable_rules.flatten(tree))
 
 
 @pytest.mark.parametrize("experiment,expected", [
     ("lora_dino", 442_368), ("dalora_dino", 1_327_104), ("lora_clip", 884_736), ("dalora_clip", 2_654_208)])
 def test_inspect_adapter_counts(experiment, expected):
-  out = subprocess.run([sys.executable, "-m", "adaptface_jax.inspect", f"--config=configs/{experiment}.py", "--json"],
+  out = subprocess.run([sys.executable, "-m", "adaptface_jax.inspect_params", f"--config=configs/{experiment}.py", "--json"],
                        capture_output=True, text=True, check=True)
   info = json.loads(out.stdout)
   assert info["subtrees"]["lora/backbone"]["total"] == expected

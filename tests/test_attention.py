@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaptface_jax import attention
+from adaptface_jax.models import attention
 
 
 def _inputs(dtype=jnp.float32, scale=0.5, shape=(4, 3, 37, 16)):
@@ -63,7 +63,7 @@ def test_long_sequences_are_grouped_on_cpu_within_the_memory_bound(monkeypatch):
 SHARDED = r"""
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from adaptface_jax import attention
+from adaptface_jax.models import attention
 assert jax.device_count() == 2
 batch = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P("data"))
 q, k, v = (jax.device_put(np.random.RandomState(i).randn(8, 4, 260, 16).astype(np.float32) * 0.5, batch)

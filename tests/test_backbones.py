@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from adaptface_jax import load_backbone, vit
-from adaptface_jax.hf_weights import BackboneUnavailableError, CheckpointError
-from adaptface_jax.vit import ViTConfig, bicubic_matrix
+from adaptface_jax import load_backbone
+from adaptface_jax.models import vit
+from adaptface_jax.models.hf_weights import BackboneUnavailableError, CheckpointError
+from adaptface_jax.models.vit import ViTConfig, bicubic_matrix
 from conftest import random_images
 
 TOL = 1e-4

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from adaptface_jax import checkpoints, train
+from adaptface_jax import checkpoints, run_state, train
 
 
 def _largest_data_file(step_dir):
@@ -73,7 +73,7 @@ def test_damaged_newest_checkpoint_is_reported_set_aside_and_trained_again(tmp_p
 def target(finished_run):
   """(the run's initial state: the structure to restore into, the fingerprint of its frozen weights)."""
   _, config = finished_run
-  _, state, frozen, _, _ = train.setup(config, num_classes=16, steps=4)  # the tiny world's 16 identities
+  _, state, frozen, _, _ = run_state.setup(config, num_classes=16, steps=4)  # the tiny world's 16 identities
   return state, checkpoints.fingerprint(frozen)
 
 

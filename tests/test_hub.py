@@ -12,7 +12,8 @@ import torch
 from huggingface_hub import constants
 from safetensors.numpy import load_file
 
-from adaptface_jax import face_model, hf_weights, load_backbone
+from adaptface_jax import load_backbone
+from adaptface_jax.models import face_model, hf_weights
 from configs import common
 from conftest import random_images
 
@@ -212,7 +213,7 @@ def test_every_config_field_named_to_users_exists():
   assert not missing, f"--config fields that do not exist: {missing}"
 
 
-CLI_MODULES = ("main", "evaluate", "export", "inspect")
+CLI_MODULES = ("main", "evaluate", "export", "inspect_params")
 ABSL_BUILTIN = {"help", "helpfull", "helpshort", "flagfile"}
 
 

@@ -49,19 +49,19 @@ def _finish(procs, logs):
 
 def _trainable(*workdirs):
   """(step, flat trainable tree) of each run's last checkpoint; the runs share a config, so one `setup` (the slow
-  part of train.load_run) serves all."""
+  part of run_state.load_run) serves all."""
   import ml_collections
 
-  from adaptface_jax import checkpoints, partition, train
+  from adaptface_jax import checkpoints, run_state, trainable_rules
   config = ml_collections.ConfigDict(json.loads((workdirs[0] / "config.json").read_text()))
   managers = [checkpoints.Checkpoints(workdir / "checkpoints") for workdir in workdirs]
   meta = managers[0].read_meta(managers[0].latest_step())
-  _, state, frozen, _, _ = train.setup(config, meta["num_classes"], steps=meta["total_steps"])
+  _, state, frozen, _, _ = run_state.setup(config, meta["num_classes"], steps=meta["total_steps"])
   out = []
   for manager in managers:
     restored = manager.restore(state, expected_fingerprint=checkpoints.fingerprint(frozen))
     manager.close()
-    out.append((int(restored.step), {k: np.asarray(v) for k, v in partition.flatten(restored.trainable).items()}))
+    out.append((int(restored.step), {k: np.asarray(v) for k, v in trainable_rules.flatten(restored.trainable).items()}))
   return out
 
 

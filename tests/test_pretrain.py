@@ -27,23 +27,23 @@ def _transformers_pooled(directory: Path, family: str, pixels: np.ndarray) -> np
 
 
 def _our_pooled(directory: Path, family: str, images: np.ndarray, image_size: int) -> np.ndarray:
-  from adaptface_jax.hf_weights import load_backbone
-  from adaptface_jax.preprocess import preprocess
+  from adaptface_jax.models.hf_weights import load_backbone
+  from adaptface_jax.models.preprocess import preprocess
   pixels = np.asarray(preprocess(images, image_size=image_size, family=family))
   return np.asarray(load_backbone(str(directory)).encode(pixels)["pooler_output"]), pixels
 
 
 @pytest.mark.parametrize("family,arg", [("dinov2", "dino"), ("clip", "clip")])
 def test_pretraining_trains_every_backbone_weight_and_exports_for_transformers(tmp_path, cache_dir, family, arg):
-  from adaptface_jax import partition, train
+  from adaptface_jax import run_state, trainable_rules
   workdir = tmp_path / arg
   backbone = "tiny-dinov2" if family == "dinov2" else "tiny-clip"
   args = tiny_run_args(**{"model.backbone": backbone, "eval.world": "synthetic_faces/tiny", "eval.every_steps": 3,
                           "optim.warmup_fraction": 0.0, "model.image_size": 56 if family == "dinov2" else 64})
   run(main_cmd(f"configs/pretrain.py:{arg},steps=3", workdir, *args), cache_dir)
-  config, model, variables, _ = train.load_run(str(workdir))
-  trainable, frozen = partition.split(variables, config.trainable)
-  assert not partition.flatten(frozen)  # nothing frozen, no adapter and no head
+  config, model, variables, _ = run_state.load_run(str(workdir))
+  trainable, frozen = trainable_rules.split(variables, config.trainable)
+  assert not trainable_rules.flatten(frozen)  # nothing frozen, no adapter and no head
   assert set(trainable) == {"params", "margin"} and set(trainable["params"]) == {"backbone"}
 
   out = tmp_path / "snapshot"
@@ -82,7 +82,7 @@ def test_shipped_dinov2_snapshot_beats_raw_pixels(tmp_path, cache_dir):
              "--config.data.train=synthetic_faces/tiny"], cache_dir)
   features = json.loads(out.stdout.splitlines()[0])["accuracy"]
   from adaptface_jax.data import binfile, synthetic, tfds_builders
-  from adaptface_jax.evaluation import balanced_subset
+  from adaptface_jax.embeddings import balanced_subset
   world = tfds_builders.synthetic_world_for("synthetic_faces/tiny")
   images, issame = binfile.load_pairs(world["benchmarks"]["synth_lfw"])
   pairs = balanced_subset(issame, 400)

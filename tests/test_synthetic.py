@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from adaptface_jax import runtime
-from adaptface_jax.data import binfile, recordio, synthetic
+from adaptface_jax.data import binfile, common, recordio, synthetic
 
 TRAIN_IDS, IMAGES_PER_ID, PAIRS = 12, 4, 600
 
@@ -105,7 +105,7 @@ def test_training_record_and_its_metadata(world):
   np.testing.assert_array_equal(meta["domain"], synthetic.domain_of(meta["yaw"], meta["age"]))
   image, label = record.decode(int(record.image_keys[-1]))
   assert image.shape == (112, 112, 3) and image.dtype == np.uint8 and label == TRAIN_IDS - 1
-  assert synthetic.DOMAIN_NAMES == ("general", "pose", "age")
+  assert common.DOMAIN_NAMES == ("general", "pose", "age")  # domain_of's labels index these names
 
 
 @pytest.mark.parametrize("name", synthetic.BENCHMARKS)

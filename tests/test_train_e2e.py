@@ -27,10 +27,10 @@ def run(cmd, cache_dir, check=True):
 
 
 def trainable_leaves(workdir):
-  from adaptface_jax import partition, train
-  config, _, variables, meta = train.load_run(str(workdir))
-  trainable, _ = partition.split(variables, config.trainable)
-  return meta["step"], {k: np.asarray(v) for k, v in partition.flatten(trainable).items()}
+  from adaptface_jax import run_state, trainable_rules
+  config, _, variables, meta = run_state.load_run(str(workdir))
+  trainable, _ = trainable_rules.split(variables, config.trainable)
+  return meta["step"], {k: np.asarray(v) for k, v in trainable_rules.flatten(trainable).items()}
 
 
 def test_demo_config_completes_from_fresh_workdir(tmp_path, cache_dir):
@@ -101,24 +101,25 @@ def test_export_lora_loads_in_transformers(tmp_path, cache_dir):
   import torch
   from transformers import Dinov2Model
 
-  from adaptface_jax import train
-  from adaptface_jax.preprocess import preprocess
+  from adaptface_jax import run_state
+  from adaptface_jax.models import face_model
+  from adaptface_jax.models.preprocess import preprocess
   workdir = tmp_path / "lora"
   args = tiny_run_args(**{"eval.benchmarks": "()", "optim.lr": 0.05, "adapter.targets": "('q','v','proj','fc2')"})
   run(main_cmd("configs/lora_dino.py:demo,tiny,steps=3", workdir, *args), cache_dir)
   out = tmp_path / "export"
   run([sys.executable, "-m", "adaptface_jax.export", f"--workdir={workdir}", f"--out={out}"], cache_dir)
 
-  config, model, variables, _ = train.load_run(str(workdir))
+  config, model, variables, _ = run_state.load_run(str(workdir))
   images = np.random.RandomState(0).randint(0, 256, (2, 112, 112, 3)).astype(np.uint8)
-  ours = np.asarray(model.apply({k: v for k, v in variables.items() if k != "margin"}, images)["feature"])
+  ours = np.asarray(model.apply(face_model.split_margin(variables)[0], images)["feature"])
   pixels = np.asarray(preprocess(images, image_size=56, family="dinov2"))
   hf = Dinov2Model.from_pretrained(out).eval()
   with torch.no_grad():
     theirs = hf(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).pooler_output.numpy()
   assert np.abs(ours - theirs).max() < 1e-4
   # The adapters were trained: the export differs from the un-adapted backbone.
-  base = np.asarray(model.apply({k: v for k, v in variables.items() if k != "margin"}, images,
+  base = np.asarray(model.apply(face_model.split_margin(variables)[0], images,
                                 method=lambda m, x: m.backbone(preprocess(x, image_size=56, family="dinov2"),
                                                                adapters_enabled=False)["pooler_output"]))
   assert np.abs(base - theirs).max() > 1e-3

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from adaptface_jax import hf_weights, partition, train
+from adaptface_jax import run_state, train, trainable_rules
+from adaptface_jax.models import hf_weights
 from configs import common
 
 
@@ -31,7 +32,7 @@ def fixed_batch(batch=8, num_classes=4, seed=0):
 
 
 def run_steps(config, steps, batch):
-  model, state, frozen, tx, schedule = train.setup(config, num_classes=4, steps=steps)
+  model, state, frozen, tx, schedule = run_state.setup(config, num_classes=4, steps=steps)
   step_fn = jax.jit(train.make_train_step(model, tx, schedule, config.loss), donate_argnums=0)
   initial_frozen = jax.tree.map(np.asarray, frozen)
   losses = []
@@ -45,8 +46,8 @@ def test_frozen_untouched_optimizer_state_trainable_only_and_loss_decreases():
   config = tiny_config()
   state, frozen, initial_frozen, losses = run_steps(config, 25, fixed_batch())
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), initial_frozen)
-  trainable_paths = set(partition.flatten(state.trainable))
-  frozen_paths = set(partition.flatten(frozen))
+  trainable_paths = set(trainable_rules.flatten(state.trainable))
+  frozen_paths = set(trainable_rules.flatten(frozen))
   assert trainable_paths and frozen_paths and not trainable_paths & frozen_paths
   assert all(p.startswith("params/backbone/") for p in frozen_paths)
   # Every array in the optimizer state has the shape of a trainable leaf; the big frozen kernels appear nowhere.
@@ -58,7 +59,7 @@ def test_frozen_untouched_optimizer_state_trainable_only_and_loss_decreases():
   assert n_opt <= 2 * n_trainable + 16  # Adam's mu and nu (+ counters) of the trainable leaves only
   assert losses[-1] < 0.5 * losses[0], losses
   # The adapters actually moved (B starts at zero).
-  lora_b = [v for p, v in partition.flatten(state.trainable).items() if p.endswith("lora_b")]
+  lora_b = [v for p, v in trainable_rules.flatten(state.trainable).items() if p.endswith("lora_b")]
   assert lora_b and all(np.abs(np.asarray(v)).max() > 0 for v in lora_b)
 
 
@@ -69,10 +70,10 @@ import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 sys.path.insert(0, "tests")
 from test_train_step import tiny_config, fixed_batch
-from adaptface_jax import train, partition
+from adaptface_jax import run_state, train, trainable_rules
 assert len(jax.devices()) == int(sys.argv[1]), jax.devices()
 config = tiny_config()
-model, state, frozen, tx, schedule = train.setup(config, num_classes=4, steps=3)
+model, state, frozen, tx, schedule = run_state.setup(config, num_classes=4, steps=3)
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 step = jax.jit(train.make_train_step(model, tx, schedule, config.loss), in_shardings=(rep, rep, data),
@@ -84,7 +85,7 @@ batch = jax.device_put(fixed_batch(), data)
 grad_fn = jax.jit(jax.grad(lambda t, f, b: train.loss_fn(t, f, b, jax.random.PRNGKey(1), model=model,
                                                          loss_config=config.loss)[0]),
                   in_shardings=(rep, rep, data), out_shardings=rep)
-grads = partition.flatten(jax.device_get(grad_fn(state.trainable, frozen, batch)))
+grads = trainable_rules.flatten(jax.device_get(grad_fn(state.trainable, frozen, batch)))
 state, metrics = step(state, frozen, batch)
 grads["metrics|loss"] = np.asarray(metrics["loss/total"])
 grads["metrics|grad_norm"] = np.asarray(metrics["grad_norm"])
@@ -121,14 +122,14 @@ def test_remat_keeps_parameter_paths_and_gradients_and_saves_memory(tmp_path):
     config = tiny_config()
     config.model.backbone = str(tmp_path)
     config.model.remat = remat
-    model, state, frozen, _, _ = train.setup(config, num_classes=4, steps=1)
-    paths[remat] = set(partition.flatten(partition.merge(state.trainable, frozen)))
+    model, state, frozen, _, _ = run_state.setup(config, num_classes=4, steps=1)
+    paths[remat] = set(trainable_rules.flatten(trainable_rules.merge(state.trainable, frozen)))
     grad_fn = jax.jit(jax.grad(lambda t, f, b: train.loss_fn(t, f, b, jax.random.PRNGKey(1), model=model,
                                                              loss_config=config.loss)[0]))
     with jax.default_matmul_precision("float32"):  # on GPUs, not TF32: the programs differ in their fusions
       compiled = grad_fn.lower(state.trainable, frozen, batch).compile()
     temp_bytes[remat] = compiled.memory_analysis().temp_size_in_bytes
-    grads[remat] = partition.flatten(compiled(state.trainable, frozen, batch))
+    grads[remat] = trainable_rules.flatten(compiled(state.trainable, frozen, batch))
   # The same variables (checkpoints and HF weights load unchanged), the same gradients to float tolerance.
   assert paths["dots"] == paths["full"] == paths[""]
   for remat in ("dots", "full"):
@@ -143,4 +144,4 @@ def test_unknown_remat_policy_is_rejected():
   config = tiny_config()
   config.model.remat = "blocks"
   with pytest.raises(ValueError, match="remat 'blocks'"):
-    train.setup(config, num_classes=4, steps=1)
+    run_state.setup(config, num_classes=4, steps=1)

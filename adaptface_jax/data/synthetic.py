@@ -39,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-from adaptface_jax.data.common import DOMAIN_NAMES, RENDERER_VERSION, default_cache_dir
+from adaptface_jax.data.common import RENDERER_VERSION, default_cache_dir
 from adaptface_jax.data.common import SYNTHETIC_BENCHMARKS as BENCHMARKS
 
 logger = logging.getLogger(__name__)
@@ -570,32 +570,15 @@ class FaceRenderer:
 # Verification of raw pixels (how hard the world is for a method that learns nothing)
 
 
-def threshold_accuracy(similarity: np.ndarray, issame: np.ndarray, num_folds: int = NUM_FOLDS) -> dict[str, float]:
-  """Accuracy of "same when similarity > threshold" under the 10-fold protocol (threshold chosen on the other
-  nine contiguous folds), plus the optimistic best single threshold over all pairs."""
-  similarity, issame = np.asarray(similarity, np.float64), np.asarray(issame, bool)
-  thresholds = np.linspace(-1.0, 1.0, 401)
-  correct = (similarity[None, :] > thresholds[:, None]) == issame[None, :]
-  folds = np.array_split(np.arange(len(issame)), num_folds)
-  accuracies = []
-  for test in folds:
-    train = np.setdiff1d(np.arange(len(issame)), test)
-    best = int(np.argmax(correct[:, train].mean(axis=1)))
-    accuracies.append(correct[best, test].mean())
-  return {"accuracy": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
-          "best_threshold_accuracy": float(correct.mean(axis=1).max())}
-
-
-def pixel_baseline(images: np.ndarray, issame: np.ndarray, num_folds: int = NUM_FOLDS) -> dict[str, float]:
-  """Verification by cosine similarity of raw pixels centred on the mean image of the set.
+def pixel_baseline(images: np.ndarray, issame: np.ndarray, num_folds: int = NUM_FOLDS) -> dict:
+  """Verification of raw pixels centred on the mean image of the set, under the protocol every model accuracy
+  comes from (`verification.evaluate_pairs`: cosine of the pair, threshold chosen on the other nine folds).
 
   images: [2P, H, W, C] in pair order a0, b0, a1, b1, ...; issame: bool [P].
   """
+  from adaptface_jax import verification
   flat = np.asarray(images, np.float32).reshape(len(images), -1)
-  flat -= flat.mean(axis=0)
-  flat /= np.linalg.norm(flat, axis=1, keepdims=True) + 1e-8
-  similarity = np.einsum("pd,pd->p", flat[0::2], flat[1::2])
-  return threshold_accuracy(similarity, issame, num_folds)
+  return verification.evaluate_pairs(flat - flat.mean(axis=0), issame, num_folds=num_folds)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The face model: (DA-)LoRA-adapted ViT backbone + domain router + embedding head.
 
-Variable tree (the API; `inspect` prints it):
-  params/backbone/...   pretrained ViT weights (frozen by the default rules)
+The variable tree, the one description of it (`python -m adaptface_jax.inspect_params` prints it for a config; the
+paths are what `config.trainable`'s rules match, see trainable_rules.py):
+  params/backbone/...   pretrained ViT weights (frozen by the default rules), as ported in vit.py
   params/router/...     domain classifier (DA-LoRA with learned routing)
   params/head/...       embedding projection d -> embedding_dim (absent when embedding_dim is 0)
-  lora/backbone/...     the adapter deltas, mirroring the paths of the layers they adapt
-The margin-loss class centres live beside it as margin/centers (see `train.py`).
+  lora/backbone/...     the adapter deltas at the paths of the layers they adapt: params/backbone/blocks_i/qkv/kernel
+                        is adapted by lora/backbone/blocks_i/qkv/lora_a [K, in, rank] and .../lora_b [K, rank, out]
+  margin/centers        the margin loss's class centres [output_dim, num_classes]: made by `init_variables`,
+                        taken off the tree again by `split_margin` (the model itself never sees them)
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from adaptface_jax import hf_weights, losses
-from adaptface_jax.lora import AdapterSpec
-from adaptface_jax.preprocess import preprocess
-from adaptface_jax.vit import ViT, ViTConfig
+from adaptface_jax import losses
+from adaptface_jax.models import hf_weights
+from adaptface_jax.models.lora import AdapterSpec
+from adaptface_jax.models.preprocess import preprocess
+from adaptface_jax.models.vit import ViT, ViTConfig
 
 ROUTER_MODES = ("learned", "uniform", "oracle")
 ROUTER_INPUTS = ("frozen_cls", "patch_mean")
@@ -138,6 +142,9 @@ def create_model(config: ml_collections.ConfigDict, vit_config: ViTConfig | None
                    remat=m.get("remat", ""))  # runs saved before the option have no remat field
 
 
+MARGIN = "margin"  # the collection of the margin loss's class centres
+
+
 def init_variables(model: FaceModel, rng, num_classes: int | None, *, input_size: int = 112) -> dict:
   """Random variables of the whole tree: the model's collections (params, lora) and, when num_classes is given,
   the margin-loss class centres (margin/centers). Wrap in jax.eval_shape for shapes only."""
@@ -145,5 +152,11 @@ def init_variables(model: FaceModel, rng, num_classes: int | None, *, input_size
   images = jnp.zeros((1, input_size, input_size, 3), jnp.uint8)
   tree = dict(model.init({"params": model_rng}, images, jnp.zeros((1,), jnp.int32)))
   if num_classes:
-    tree["margin"] = {"centers": losses.init_class_centers(margin_rng, model.output_dim, num_classes)}
+    tree[MARGIN] = {"centers": losses.init_class_centers(margin_rng, model.output_dim, num_classes)}
   return tree
+
+
+def split_margin(tree: dict) -> tuple[dict, jnp.ndarray | None]:
+  """(the model's variables, the margin loss's class centres or None) of a whole variable tree."""
+  variables = {collection: value for collection, value in tree.items() if collection != MARGIN}
+  return variables, tree[MARGIN]["centers"] if MARGIN in tree else None

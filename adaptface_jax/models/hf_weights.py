@@ -1,4 +1,4 @@
-"""HuggingFace checkpoints <-> Flax parameters of `adaptface_jax.vit.ViT`.
+"""HuggingFace checkpoints <-> Flax parameters of `adaptface_jax.models.vit.ViT`.
 
 `load_backbone(source)` accepts a local snapshot directory (config.json + model.safetensors or pytorch_model.bin),
 a directory that contains one (e.g. a HF cache folder) or a hub id, resolved by `huggingface_hub.snapshot_download`:
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adaptface_jax.vit import ViT, ViTConfig
+from adaptface_jax.models.vit import ViT, ViTConfig
 
 # Architecture configs of the supported hub models, so that a random-initialised backbone of the same architecture
 # (offline demos, tests, `inspect`) needs no download. Values are those of the hub's config.json files.

@@ -1,8 +1,7 @@
 """LoRA and DA-LoRA adapters as a separate `lora` variable collection.
 
-An adapted Dense keeps its frozen `kernel`/`bias` in `params` and its delta in `lora`, at the same module path:
-`params/backbone/blocks_0/qkv/kernel` is adapted by `lora/backbone/blocks_0/qkv/lora_a` and `.../lora_b`.
-Leaves: `lora_a` [K, in, rank], `lora_b` [K, rank, out]; K = 1 is plain LoRA, K > 1 is DA-LoRA whose K deltas are
+An adapted Dense keeps its frozen `kernel`/`bias` in `params` and its delta (`lora_a`, `lora_b`) in `lora`, at the
+same module path (the variable tree: face_model.py). K = 1 is plain LoRA, K > 1 is DA-LoRA whose K deltas are
 mixed per image by routing weights w [B, K]:  W' = W + scale * sum_k w_k A_k B_k  (x @ W layout).
 """
 

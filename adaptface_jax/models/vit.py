@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptface_jax.attention import attention
-from adaptface_jax.lora import QKV_SLICES, AdaptedDense, AdapterSpec
+from adaptface_jax.models.attention import attention
+from adaptface_jax.models.lora import QKV_SLICES, AdaptedDense, AdapterSpec
 
 FAMILIES = ("dinov2", "clip")
 # Rematerialisation of each block in the backward pass (`ViT.remat`): what the forward keeps for the backward.

@@ -1,0 +1,65 @@
+"""The package's layout as the README gives it, its dependencies, and old module names that point to the new ones."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _layout_paths() -> list[str]:
+  section = README[README.index("## Layout"):]
+  return re.findall(r"^\| `([^`]+)` \|", section, flags=re.M)
+
+
+def test_the_readme_layout_table_matches_the_tree():
+  listed = _layout_paths()
+  assert len(listed) > 20
+  missing = [path for path in listed if not (ROOT / path).exists()]
+  assert not missing, f"README layout lists paths that do not exist: {missing}"
+  package = ROOT / "adaptface_jax"
+  modules = [path.relative_to(ROOT).as_posix() for path in sorted(package.glob("*.py")) + sorted(
+      (package / "models").glob("*.py")) if not path.name.startswith("__")]
+  unlisted = [module for module in modules if module not in listed]
+  assert not unlisted, f"modules the README layout table does not list: {unlisted}"
+
+
+def test_every_readme_command_names_a_module_or_script_that_exists():
+  modules = set(re.findall(r"python -m (adaptface_jax(?:\.\w+)*)", README))
+  scripts = set(re.findall(r"\b(launch/[\w.]+\.(?:py|sh))\b", README))
+  assert {"adaptface_jax.main", "adaptface_jax.evaluate", "adaptface_jax.inspect_params"} <= modules
+  for module in modules:
+    parts = module.split(".")
+    path = ROOT.joinpath(*parts)
+    assert path.with_suffix(".py").exists() or (path / "__main__.py").exists(), module
+  assert scripts and all((ROOT / script).exists() for script in scripts), scripts
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("cli", ["evaluate", "export"])
+def test_evaluation_and_export_do_not_import_the_training_loop_nor_casia_training_the_renderer(cli):
+  out = _run("import sys\n"
+             f"import adaptface_jax.{cli}, adaptface_jax.run_state, adaptface_jax.embeddings\n"
+             "from adaptface_jax.data import pipeline\n"
+             "from configs import lora_dino\n"
+             "print(sorted(m for m in ('adaptface_jax.train', 'adaptface_jax.data.synthetic') if m in sys.modules))")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("old,new", [("inspect", "adaptface_jax.inspect_params"), ("vit", "adaptface_jax.models.vit"),
+                                     ("partition", "adaptface_jax.trainable_rules")])
+def test_an_old_module_name_fails_with_the_new_one(old, new):
+  imported = _run(f"import adaptface_jax.{old}")
+  assert imported.returncode != 0 and f"adaptface_jax.{old} is now {new}" in imported.stderr, imported.stderr[-500:]
+  if old == "inspect":
+    command = subprocess.run([sys.executable, "-m", "adaptface_jax.inspect", "--config", "configs/lora_dino.py"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert command.returncode != 0 and new in command.stderr, command.stderr[-500:]
