@@ -14,7 +14,7 @@ import logging
 import pickle
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging

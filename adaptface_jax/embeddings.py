@@ -52,7 +52,8 @@ def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
       dom = np.concatenate([dom, np.full((pad,), -1, np.int32)])
-    chunk, dom = (sharding.put(chunk, batch_sharding), sharding.put(dom, batch_sharding)) if batch_sharding else (chunk, dom)
+    if batch_sharding is not None:
+      chunk, dom = sharding.put(chunk, batch_sharding), sharding.put(dom, batch_sharding)
     # Sharded over other processes' devices too, an output is only readable here once gathered.
     result = [np.asarray(r) if r.is_fully_addressable else multihost_utils.process_allgather(r, tiled=True)
               for r in embed_fn(variables, chunk, dom)]

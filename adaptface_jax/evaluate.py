@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-
 from ml_collections import config_flags
 
 from adaptface_jax import cli, verification

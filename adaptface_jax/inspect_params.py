@@ -30,7 +30,7 @@ def describe(config) -> dict:
 
 
 def format_table(info: dict) -> str:
-  width = max(len(l["path"]) for l in info["leaves"])
+  width = max(len(leaf["path"]) for leaf in info["leaves"])
   lines = [f"{'path':<{width}}  {'shape':<18} {'dtype':<8} {'params':>11}  trainable"]
   for leaf in info["leaves"]:
     lines.append(f"{leaf['path']:<{width}}  {str(tuple(leaf['shape'])):<18} {leaf['dtype']:<8} "

@@ -16,7 +16,6 @@ Margin family (InsightFace's combined margin), for the target class with angle t
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,103 +31,103 @@ _SIN_SQ_EPS = 1e-12
 
 
 def init_class_centers(rng: jax.Array, embedding_dim: int, num_classes: int) -> jnp.ndarray:
-    """Class-centre matrix [embedding_dim, num_classes], normal with std 0.01 (as partial-FC).
+  """Class-centre matrix [embedding_dim, num_classes], normal with std 0.01 (as partial-FC).
 
-    The scale of the init does not change the logits (centres are normalised), only the
-    effective step size the optimiser sees on them.
-    """
-    if embedding_dim <= 0 or num_classes <= 0:
-        raise ValueError(
-            f"embedding_dim and num_classes must be positive, got {embedding_dim} and {num_classes}"
-        )
-    return 0.01 * jax.random.normal(rng, (embedding_dim, num_classes), dtype=jnp.float32)
+  The scale of the init does not change the logits (centres are normalised), only the
+  effective step size the optimiser sees on them.
+  """
+  if embedding_dim <= 0 or num_classes <= 0:
+    raise ValueError(
+        f"embedding_dim and num_classes must be positive, got {embedding_dim} and {num_classes}"
+    )
+  return 0.01 * jax.random.normal(rng, (embedding_dim, num_classes), dtype=jnp.float32)
 
 
 def safe_l2_normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
-    """x / ||x|| along `axis`, finite (and with finite gradient) for an all-zero x (evaluation's
-    verification.strict_l2_normalize refuses such rows instead)."""
-    squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS))
+  """x / ||x|| along `axis`, finite (and with finite gradient) for an all-zero x (evaluation's
+  verification.strict_l2_normalize refuses such rows instead)."""
+  squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS))
 
 
 def _check_margins(scale: float, m1: float, m2: float, m3: float) -> tuple[float, float, float, float]:
-    # float() makes a traced margin fail here, loudly: scale, m1 and m2 pick the code path, so they
-    # must be static Python numbers (config values). The cosine margin m3 is only subtracted, so it
-    # may also be a scalar array (a margin schedule, see train.loss_fn).
-    scale, m1, m2 = float(scale), float(m1), float(m2)
-    if isinstance(m3, jax.Array):
-        return scale, m1, m2, m3
-    m3 = float(m3)
-    if not scale > 0:
-        raise ValueError(f"margin scale must be > 0, got {scale}")
-    if not m1 >= 1.0:
-        raise ValueError(f"multiplicative angular margin m1 must be >= 1, got {m1}")
-    if not 0.0 <= m2 < math.pi:
-        raise ValueError(f"additive angular margin m2 must be in [0, pi), got {m2}")
-    if not math.isfinite(m3):
-        raise ValueError(f"additive cosine margin m3 must be finite, got {m3}")
+  # float() makes a traced margin fail here, loudly: scale, m1 and m2 pick the code path, so they
+  # must be static Python numbers (config values). The cosine margin m3 is only subtracted, so it
+  # may also be a scalar array (a margin schedule, see train.loss_fn).
+  scale, m1, m2 = float(scale), float(m1), float(m2)
+  if isinstance(m3, jax.Array):
     return scale, m1, m2, m3
+  m3 = float(m3)
+  if not scale > 0:
+    raise ValueError(f"margin scale must be > 0, got {scale}")
+  if not m1 >= 1.0:
+    raise ValueError(f"multiplicative angular margin m1 must be >= 1, got {m1}")
+  if not 0.0 <= m2 < math.pi:
+    raise ValueError(f"additive angular margin m2 must be in [0, pi), got {m2}")
+  if not math.isfinite(m3):
+    raise ValueError(f"additive cosine margin m3 must be finite, got {m3}")
+  return scale, m1, m2, m3
 
 
 def _check_label_shapes(embeddings: jnp.ndarray, centers: jnp.ndarray, labels: jnp.ndarray) -> None:
-    if embeddings.ndim != 2 or centers.ndim != 2:
-        raise ValueError(
-            f"expected embeddings [batch, dim] and centers [dim, classes], got shapes "
-            f"{embeddings.shape} and {centers.shape}"
-        )
-    if embeddings.shape[1] != centers.shape[0]:
-        raise ValueError(
-            f"embedding dim {embeddings.shape[1]} does not match centers dim {centers.shape[0]} "
-            f"(centers are [dim, classes])"
-        )
-    if labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"labels must have shape {embeddings.shape[:1]}, got {labels.shape}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    _check_label_range(labels, centers.shape[1], "class labels", allow_negative=False)
+  if embeddings.ndim != 2 or centers.ndim != 2:
+    raise ValueError(
+        f"expected embeddings [batch, dim] and centers [dim, classes], got shapes "
+        f"{embeddings.shape} and {centers.shape}"
+    )
+  if embeddings.shape[1] != centers.shape[0]:
+    raise ValueError(
+        f"embedding dim {embeddings.shape[1]} does not match centers dim {centers.shape[0]} "
+        f"(centers are [dim, classes])"
+    )
+  if labels.shape != embeddings.shape[:1]:
+    raise ValueError(f"labels must have shape {embeddings.shape[:1]}, got {labels.shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+  _check_label_range(labels, centers.shape[1], "class labels", allow_negative=False)
 
 
 def _check_label_range(labels: jnp.ndarray, num_classes: int, what: str, *, allow_negative: bool) -> None:
-    # Values can only be checked outside jit; inside jit an out-of-range label would silently
-    # select nothing, so callers are expected to have validated their data pipeline.
-    if isinstance(labels, jax.core.Tracer):
-        return
-    values = np.asarray(labels)
-    if values.size == 0:
-        return
-    bad = values >= num_classes
-    if not allow_negative:
-        bad |= values < 0
-    if np.any(bad):
-        index = int(np.argmax(bad))
-        allowed = f"< {num_classes} (negative = unlabelled)" if allow_negative else f"in [0, {num_classes})"
-        raise ValueError(f"{what} must be {allowed}; got {int(values.flat[index])} at index {index}")
+  # Values can only be checked outside jit; inside jit an out-of-range label would silently
+  # select nothing, so callers are expected to have validated their data pipeline.
+  if isinstance(labels, jax.core.Tracer):
+    return
+  values = np.asarray(labels)
+  if values.size == 0:
+    return
+  bad = values >= num_classes
+  if not allow_negative:
+    bad |= values < 0
+  if np.any(bad):
+    index = int(np.argmax(bad))
+    allowed = f"< {num_classes} (negative = unlabelled)" if allow_negative else f"in [0, {num_classes})"
+    raise ValueError(f"{what} must be {allowed}; got {int(values.flat[index])} at index {index}")
 
 
 def _angular_target(target_cos: jnp.ndarray, m1: float, m2: float) -> jnp.ndarray:
-    """cos(m1 * theta + m2), made monotonic in theta over [0, pi], from cos(theta)."""
-    if m1 == 1.0:
-        # ArcFace: cos(t + m) = cos t cos m - sin t sin m avoids arccos and its infinite slope at
-        # +-1; the sqrt gets a floored argument for the same reason.
-        sin = jnp.sqrt(jnp.maximum(1.0 - jnp.square(target_cos), _SIN_SQ_EPS))
-        with_margin = target_cos * math.cos(m2) - sin * math.sin(m2)
-        # Past theta = pi - m2 the angle would wrap and cos(theta + m2) would rise again. The
-        # standard InsightFace fallback (easy_margin=False) switches to the cosine-margin form
-        # cos(theta) - m2 * sin(m2) there: monotonic in theta, though not continuous.
-        threshold = math.cos(math.pi - m2)
-        fallback = target_cos - m2 * math.sin(m2)
-        return jnp.where(target_cos > threshold, with_margin, fallback)
+  """cos(m1 * theta + m2), made monotonic in theta over [0, pi], from cos(theta)."""
+  if m1 == 1.0:
+    # ArcFace: cos(t + m) = cos t cos m - sin t sin m avoids arccos and its infinite slope at
+    # +-1; the sqrt gets a floored argument for the same reason.
+    sin = jnp.sqrt(jnp.maximum(1.0 - jnp.square(target_cos), _SIN_SQ_EPS))
+    with_margin = target_cos * math.cos(m2) - sin * math.sin(m2)
+    # Past theta = pi - m2 the angle would wrap and cos(theta + m2) would rise again. The
+    # standard InsightFace fallback (easy_margin=False) switches to the cosine-margin form
+    # cos(theta) - m2 * sin(m2) there: monotonic in theta, though not continuous.
+    threshold = math.cos(math.pi - m2)
+    fallback = target_cos - m2 * math.sin(m2)
+    return jnp.where(target_cos > threshold, with_margin, fallback)
 
-    # Multiplicative margin: the angle itself is needed. Clipping off the +-1 ends keeps the
-    # arccos derivative finite (the clip passes zero gradient there, which is harmless: cos = 1 is
-    # already the optimum and cos = -1 is a single point).
-    theta = jnp.arccos(jnp.clip(target_cos, -1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS))
-    angle = m1 * theta + m2
-    # SphereFace's monotonic extension past pi: on [k pi, (k+1) pi] use (-1)^k cos(angle) - 2k.
-    # It equals cos(angle) for angle <= pi and keeps decreasing, continuously, beyond.
-    k = jnp.floor(angle / math.pi)
-    sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
-    return sign * jnp.cos(angle) - 2.0 * k
+  # Multiplicative margin: the angle itself is needed. Clipping off the +-1 ends keeps the
+  # arccos derivative finite (the clip passes zero gradient there, which is harmless: cos = 1 is
+  # already the optimum and cos = -1 is a single point).
+  theta = jnp.arccos(jnp.clip(target_cos, -1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS))
+  angle = m1 * theta + m2
+  # SphereFace's monotonic extension past pi: on [k pi, (k+1) pi] use (-1)^k cos(angle) - 2k.
+  # It equals cos(angle) for angle <= pi and keeps decreasing, continuously, beyond.
+  k = jnp.floor(angle / math.pi)
+  sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
+  return sign * jnp.cos(angle) - 2.0 * k
 
 
 def _cosines_and_logits(
@@ -140,23 +139,23 @@ def _cosines_and_logits(
     m2: float,
     m3: float,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    scale, m1, m2, m3 = _check_margins(scale, m1, m2, m3)
-    _check_label_shapes(embeddings, centers, labels)
-    embeddings = safe_l2_normalize(embeddings.astype(jnp.float32), axis=1)
-    centers = safe_l2_normalize(centers.astype(jnp.float32), axis=0)
-    # Rounding can push |cos| a hair past 1; the margin formulas assume [-1, 1].
-    cosines = jnp.clip(embeddings @ centers, -1.0, 1.0)
+  scale, m1, m2, m3 = _check_margins(scale, m1, m2, m3)
+  _check_label_shapes(embeddings, centers, labels)
+  embeddings = safe_l2_normalize(embeddings.astype(jnp.float32), axis=1)
+  centers = safe_l2_normalize(centers.astype(jnp.float32), axis=0)
+  # Rounding can push |cos| a hair past 1; the margin formulas assume [-1, 1].
+  cosines = jnp.clip(embeddings @ centers, -1.0, 1.0)
 
-    target_cos = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]
-    if m1 == 1.0 and m2 == 0.0:
-        target_with_margin = target_cos - m3
-    else:
-        target_with_margin = _angular_target(target_cos, m1, m2) - m3
-    # Only the B target entries get the margin; adding the difference through a one-hot mask
-    # avoids evaluating the margin on the whole [B, C] matrix.
-    is_target = jax.nn.one_hot(labels, cosines.shape[1], dtype=cosines.dtype)
-    logits = scale * (cosines + is_target * (target_with_margin - target_cos)[:, None])
-    return cosines, logits
+  target_cos = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]
+  if m1 == 1.0 and m2 == 0.0:
+    target_with_margin = target_cos - m3
+  else:
+    target_with_margin = _angular_target(target_cos, m1, m2) - m3
+  # Only the B target entries get the margin; adding the difference through a one-hot mask
+  # avoids evaluating the margin on the whole [B, C] matrix.
+  is_target = jax.nn.one_hot(labels, cosines.shape[1], dtype=cosines.dtype)
+  logits = scale * (cosines + is_target * (target_with_margin - target_cos)[:, None])
+  return cosines, logits
 
 
 def margin_logits(
@@ -169,17 +168,17 @@ def margin_logits(
     m2: float = 0.0,
     m3: float = 0.35,
 ) -> jnp.ndarray:
-    """Combined-margin logits [batch, classes] (float32).
+  """Combined-margin logits [batch, classes] (float32).
 
-    Args:
-      embeddings: [batch, dim], any float dtype; L2-normalised here.
-      centers: [dim, classes]; each column L2-normalised here.
-      labels: [batch] integer class ids in [0, classes).
-      scale, m1, m2, m3: static Python floats, see the module docstring. Defaults are CosFace
-        with the original project's s=64, m=0.35.
-    """
-    _, logits = _cosines_and_logits(embeddings, centers, labels, scale, m1, m2, m3)
-    return logits
+  Args:
+    embeddings: [batch, dim], any float dtype; L2-normalised here.
+    centers: [dim, classes]; each column L2-normalised here.
+    labels: [batch] integer class ids in [0, classes).
+    scale, m1, m2, m3: static Python floats, see the module docstring. Defaults are CosFace
+      with the original project's s=64, m=0.35.
+  """
+  _, logits = _cosines_and_logits(embeddings, centers, labels, scale, m1, m2, m3)
+  return logits
 
 
 def margin_loss(
@@ -188,27 +187,27 @@ def margin_loss(
     labels: jnp.ndarray,
     **margins: float,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Mean softmax cross-entropy over margin logits.
+  """Mean softmax cross-entropy over margin logits.
 
-    `margins` are the keyword arguments of `margin_logits` (scale, m1, m2, m3).
-    Returns (loss, aux) where aux holds:
-      accuracy: fraction of images whose nearest centre (by plain cosine, no margin) is their own;
-      target_cosine: mean cosine between each embedding and its own class centre.
-    """
-    unknown = set(margins) - {"scale", "m1", "m2", "m3"}
-    if unknown:
-        raise TypeError(f"unknown margin arguments {sorted(unknown)}; expected scale, m1, m2, m3")
-    params = {"scale": 64.0, "m1": 1.0, "m2": 0.0, "m3": 0.35, **margins}
-    cosines, logits = _cosines_and_logits(embeddings, centers, labels, **params)
-    log_probs = jax.nn.log_softmax(logits, axis=1)
-    target_log_probs = jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
-    loss = -jnp.mean(target_log_probs)
-    target_cos = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]
-    aux = {
-        "accuracy": jnp.mean((jnp.argmax(cosines, axis=1) == labels).astype(jnp.float32)),
-        "target_cosine": jnp.mean(target_cos),
-    }
-    return loss, aux
+  `margins` are the keyword arguments of `margin_logits` (scale, m1, m2, m3).
+  Returns (loss, aux) where aux holds:
+    accuracy: fraction of images whose nearest centre (by plain cosine, no margin) is their own;
+    target_cosine: mean cosine between each embedding and its own class centre.
+  """
+  unknown = set(margins) - {"scale", "m1", "m2", "m3"}
+  if unknown:
+    raise TypeError(f"unknown margin arguments {sorted(unknown)}; expected scale, m1, m2, m3")
+  params = {"scale": 64.0, "m1": 1.0, "m2": 0.0, "m3": 0.35, **margins}
+  cosines, logits = _cosines_and_logits(embeddings, centers, labels, **params)
+  log_probs = jax.nn.log_softmax(logits, axis=1)
+  target_log_probs = jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
+  loss = -jnp.mean(target_log_probs)
+  target_cos = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]
+  aux = {
+      "accuracy": jnp.mean((jnp.argmax(cosines, axis=1) == labels).astype(jnp.float32)),
+      "target_cosine": jnp.mean(target_cos),
+  }
+  return loss, aux
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,101 +216,101 @@ def margin_loss(
 
 
 def _entropy(probabilities: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
-    # p log p -> 0 as p -> 0, but log(0) = -inf would give 0 * inf = NaN in both value and
-    # gradient; the inner where keeps log's argument positive so neither branch makes a NaN.
-    positive = probabilities > 0
-    safe = jnp.where(positive, probabilities, 1.0)
-    return -jnp.sum(jnp.where(positive, probabilities * jnp.log(safe), 0.0), axis=axis)
+  # p log p -> 0 as p -> 0, but log(0) = -inf would give 0 * inf = NaN in both value and
+  # gradient; the inner where keeps log's argument positive so neither branch makes a NaN.
+  positive = probabilities > 0
+  safe = jnp.where(positive, probabilities, 1.0)
+  return -jnp.sum(jnp.where(positive, probabilities * jnp.log(safe), 0.0), axis=axis)
 
 
 def _check_weights(weights: jnp.ndarray) -> jnp.ndarray:
-    if weights.ndim != 2:
-        raise ValueError(f"routing weights must be [batch, domains], got shape {weights.shape}")
-    return weights.astype(jnp.float32)
+  if weights.ndim != 2:
+    raise ValueError(f"routing weights must be [batch, domains], got shape {weights.shape}")
+  return weights.astype(jnp.float32)
 
 
 def entropy_loss(weights: jnp.ndarray) -> jnp.ndarray:
-    """Mean per-image routing entropy: 0 for one-hot routing, log K for uniform.
+  """Mean per-image routing entropy: 0 for one-hot routing, log K for uniform.
 
-    Minimising it makes each image commit to one domain; on its own it tends to send every image
-    to the same domain, which `balance_loss` counters.
-    """
-    return jnp.mean(_entropy(_check_weights(weights), axis=1))
+  Minimising it makes each image commit to one domain; on its own it tends to send every image
+  to the same domain, which `balance_loss` counters.
+  """
+  return jnp.mean(_entropy(_check_weights(weights), axis=1))
 
 
 def balance_loss(weights: jnp.ndarray) -> jnp.ndarray:
-    """log K - H(mean routing over the batch) = KL(mean routing || uniform).
+  """log K - H(mean routing over the batch) = KL(mean routing || uniform).
 
-    0 when the batch uses all domains equally, log K when every image picks the same domain.
-    """
-    weights = _check_weights(weights)
-    num_domains = weights.shape[1]
-    return math.log(num_domains) - _entropy(jnp.mean(weights, axis=0))
+  0 when the batch uses all domains equally, log K when every image picks the same domain.
+  """
+  weights = _check_weights(weights)
+  num_domains = weights.shape[1]
+  return math.log(num_domains) - _entropy(jnp.mean(weights, axis=0))
 
 
 def supervised_domain_loss(logits: jnp.ndarray, domain_labels: jnp.ndarray) -> jnp.ndarray:
-    """Softmax cross-entropy against domain labels, averaged over labelled images only.
+  """Softmax cross-entropy against domain labels, averaged over labelled images only.
 
-    Labels < 0 mark images without a domain label. With no labelled image the loss is exactly 0
-    (with zero gradient), never NaN.
-    """
-    if logits.ndim != 2:
-        raise ValueError(f"domain logits must be [batch, domains], got shape {logits.shape}")
-    if domain_labels.shape != logits.shape[:1]:
-        raise ValueError(f"domain_labels must have shape {logits.shape[:1]}, got {domain_labels.shape}")
-    if not jnp.issubdtype(domain_labels.dtype, jnp.integer):
-        raise ValueError(f"domain_labels must be integers, got dtype {domain_labels.dtype}")
-    _check_label_range(domain_labels, logits.shape[1], "domain labels", allow_negative=True)
-    labelled = domain_labels >= 0
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=1)
-    safe_labels = jnp.where(labelled, domain_labels, 0)
-    nll = -jnp.take_along_axis(log_probs, safe_labels[:, None], axis=1)[:, 0]
-    num_labelled = jnp.sum(labelled)
-    return jnp.sum(jnp.where(labelled, nll, 0.0)) / jnp.maximum(num_labelled, 1).astype(jnp.float32)
+  Labels < 0 mark images without a domain label. With no labelled image the loss is exactly 0
+  (with zero gradient), never NaN.
+  """
+  if logits.ndim != 2:
+    raise ValueError(f"domain logits must be [batch, domains], got shape {logits.shape}")
+  if domain_labels.shape != logits.shape[:1]:
+    raise ValueError(f"domain_labels must have shape {logits.shape[:1]}, got {domain_labels.shape}")
+  if not jnp.issubdtype(domain_labels.dtype, jnp.integer):
+    raise ValueError(f"domain_labels must be integers, got dtype {domain_labels.dtype}")
+  _check_label_range(domain_labels, logits.shape[1], "domain labels", allow_negative=True)
+  labelled = domain_labels >= 0
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=1)
+  safe_labels = jnp.where(labelled, domain_labels, 0)
+  nll = -jnp.take_along_axis(log_probs, safe_labels[:, None], axis=1)[:, 0]
+  num_labelled = jnp.sum(labelled)
+  return jnp.sum(jnp.where(labelled, nll, 0.0)) / jnp.maximum(num_labelled, 1).astype(jnp.float32)
 
 
 def domain_losses(
     logits: jnp.ndarray,
     weights: jnp.ndarray,
-    domain_labels: Optional[jnp.ndarray],
+    domain_labels: jnp.ndarray | None,
     *,
     entropy_weight: float,
     balance_weight: float,
     supervised_weight: float,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Weighted sum of the routing losses, and each unweighted term for logging.
+  """Weighted sum of the routing losses, and each unweighted term for logging.
 
-    `domain_labels` may be None only when supervised_weight is 0 (the term is then logged as 0).
-    Returns (total, {"entropy", "balance", "supervised"}).
-    """
-    if logits.shape != weights.shape:
-        raise ValueError(
-            f"domain logits {logits.shape} and routing weights {weights.shape} must have the same shape"
-        )
-    for name, value in (
-        ("entropy_weight", entropy_weight),
-        ("balance_weight", balance_weight),
-        ("supervised_weight", supervised_weight),
-    ):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if domain_labels is None:
-        if supervised_weight > 0:
-            raise ValueError(
-                f"supervised_weight is {supervised_weight} but no domain labels were given; "
-                "pass labels (-1 for unlabelled images) or set supervised_weight to 0"
-            )
-        supervised = jnp.zeros((), jnp.float32)
-    else:
-        supervised = supervised_domain_loss(logits, domain_labels)
-    terms = {
-        "entropy": entropy_loss(weights),
-        "balance": balance_loss(weights),
-        "supervised": supervised,
-    }
-    total = (
-        entropy_weight * terms["entropy"]
-        + balance_weight * terms["balance"]
-        + supervised_weight * terms["supervised"]
+  `domain_labels` may be None only when supervised_weight is 0 (the term is then logged as 0).
+  Returns (total, {"entropy", "balance", "supervised"}).
+  """
+  if logits.shape != weights.shape:
+    raise ValueError(
+        f"domain logits {logits.shape} and routing weights {weights.shape} must have the same shape"
     )
-    return total, terms
+  for name, value in (
+      ("entropy_weight", entropy_weight),
+      ("balance_weight", balance_weight),
+      ("supervised_weight", supervised_weight),
+  ):
+    if not value >= 0:
+      raise ValueError(f"{name} must be >= 0, got {value}")
+  if domain_labels is None:
+    if supervised_weight > 0:
+      raise ValueError(
+          f"supervised_weight is {supervised_weight} but no domain labels were given; "
+          "pass labels (-1 for unlabelled images) or set supervised_weight to 0"
+      )
+    supervised = jnp.zeros((), jnp.float32)
+  else:
+    supervised = supervised_domain_loss(logits, domain_labels)
+  terms = {
+      "entropy": entropy_loss(weights),
+      "balance": balance_loss(weights),
+      "supervised": supervised,
+  }
+  total = (
+      entropy_weight * terms["entropy"]
+      + balance_weight * terms["balance"]
+      + supervised_weight * terms["supervised"]
+  )
+  return total, terms

@@ -13,8 +13,8 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,9 @@ import optax
 from jax.sharding import Mesh
 
 from adaptface_jax import checkpoints, losses, sharding, trainable_rules
+from adaptface_jax.metrics_log import MetricsLog
 from adaptface_jax.models import face_model
 from adaptface_jax.run_state import TrainState, setup
-from adaptface_jax.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 

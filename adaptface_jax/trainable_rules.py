@@ -9,7 +9,8 @@ checkpointed and what `inspect_params` marks trainable all come from `split` bel
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -75,7 +76,7 @@ def summary(tree: Mapping, rules) -> dict:
     entry = subtrees.setdefault(key, {"total": 0, "trainable": 0})
     entry["total"] += count
     entry["trainable"] += count * flags[path]
-  total = sum(l["count"] for l in leaves)
-  trainable = sum(l["count"] for l in leaves if l["trainable"])
+  total = sum(leaf["count"] for leaf in leaves)
+  trainable = sum(leaf["count"] for leaf in leaves if leaf["trainable"])
   return dict(total=total, trainable=trainable, frozen=total - trainable,
               trainable_percent=100.0 * trainable / max(total, 1), subtrees=subtrees, leaves=leaves)

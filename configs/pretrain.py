@@ -17,7 +17,6 @@ sees. Append e.g. `,steps=200` to the argument for a shorter run.
 from configs import common
 
 
-
 def get_config(arg="dino"):
   family, *rest = (arg or "dino").split(",")
   if family not in common.SYNTHETIC_ARCHITECTURES:

@@ -12,7 +12,8 @@ Settings (`--settings` takes names or their prefix before the '/'):
   dino112/lora, dino112/dalora_patch_mean, dino112/dalora_frozen_cls    DINOv2 ViT-S/14, 112 px, batch 64
   dino224/lora, dino224/dalora_patch_mean, dino224/dalora_frozen_cls    DINOv2 ViT-S/14, 224 px, batch 32
   clip224/lora                                                          CLIP ViT-B/16, 224 px, batch 16
-The reference (`TorchReference`, launch/torch_reference.py) exists for the LoRA settings only; DA-LoRA (K=3) is ours alone.
+The reference (`TorchReference`, launch/torch_reference.py) exists for the LoRA settings only; DA-LoRA (K=3) is
+ours alone.
 
 Threads: by default both runtimes use every CPU the process may use (torch.set_num_threads; XLA sizes its pool
 from the CPU affinity). On a machine shared with other jobs, a worker thread that the OS deschedules stalls
@@ -79,7 +80,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -94,13 +96,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch_reference import (  # noqa: E402
+  COSFACE_MARGIN,
+  COSFACE_SCALE,
+  EMBEDDING_DIM,
+  LORA_ALPHA,
+  LORA_RANK,
+  NUM_CLASSES,
+  TorchReference,
+)
 
 from adaptface_jax import embeddings, run_state, runtime, sharding, train, trainable_rules  # noqa: E402
 from adaptface_jax.models import face_model, hf_weights  # noqa: E402
 from adaptface_jax.models.vit import ViTConfig  # noqa: E402
 from configs import common  # noqa: E402
-from torch_reference import (COSFACE_MARGIN, COSFACE_SCALE, EMBEDDING_DIM, LORA_ALPHA, LORA_RANK,  # noqa: E402
-                             NUM_CLASSES, TorchReference)
 
 INPUT_SIZE = 112  # faces arrive at 112 px on both sides; each step resizes on the device
 NUM_DOMAINS = 3
@@ -347,7 +356,8 @@ def run(args) -> dict:
     args.steps = 20 if on_gpu else 1
   autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
   log(f"jax {jax.__version__} on {jax_device.device_kind} ({jax_device.platform}); torch {torch.__version__} "
-      f"on {torch_device}; {threads} CPU thread(s), {len(jax.devices())} JAX device(s), load average {load_before[0]:.2f}; our dtype {args.dtype}; {len(settings)} settings, "
+      f"on {torch_device}; {threads} CPU thread(s), {len(jax.devices())} JAX device(s), load average "
+      f"{load_before[0]:.2f}; our dtype {args.dtype}; {len(settings)} settings, "
       f"{args.rounds} round(s) of {args.steps} step(s)")
 
   peak_size = 8192 if on_gpu else 2048
@@ -456,10 +466,11 @@ def format_table(report: dict) -> str:
   measured = report["matmul_peak_flops"][report["dtype"]]
   by_stack = ", ".join(f"{stack} {max(measured['measured_start'][stack], measured['measured_end'][stack]) / 1e9:.1f}"
                        for stack in measured["measured_start"])
-  lines = [f"device: jax {report['device']['jax']}, torch {report['device']['torch']}; our dtype {report['dtype']}; "
-           f"median of {report['rounds']} round(s) x {report['steps_per_timing']} step(s); {report['device']['cpu_threads']} "
-           f"CPU thread(s), {report['device']['jax_devices']} JAX device(s), {report['device']['allocator']} malloc, load average {report['load_average']['start']:.2f} at start, "
-           f"{report['load_average']['end']:.2f} at end",
+  device, load = report["device"], report["load_average"]
+  lines = [f"device: jax {device['jax']}, torch {device['torch']}; our dtype {report['dtype']}; "
+           f"median of {report['rounds']} round(s) x {report['steps_per_timing']} step(s); {device['cpu_threads']} "
+           f"CPU thread(s), {device['jax_devices']} JAX device(s), {device['allocator']} malloc, load average "
+           f"{load['start']:.2f} at start, {load['end']:.2f} at end",
            f"{report['dtype']} matmul peak used for MFU: {peak / 1e9:.1f} GFLOP/s (measured, "
            f"{report['peak_matrix_size']}^2: {by_stack})"]
   header = (f"{'setting':<26} {'kind':<5} {'ours img/s':>10} {'ref img/s':>10} {'ours/ref':>8} {'compile s':>9} "

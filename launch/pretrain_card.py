@@ -32,9 +32,9 @@ ARCHITECTURE = {
 
 
 def untuned_and_pixels(snapshot: Path, family: str) -> tuple[dict, dict]:
-  from configs import common
   from adaptface_jax import evaluate
   from adaptface_jax.data import binfile, synthetic, tfds_builders
+  from configs import common
   config = common.experiment("dino" if family == "dinov2" else "clip", "lora", "demo")
   untuned = evaluate.evaluate_untuned(config, str(snapshot), {"eval.max_pairs": 0})
   world = tfds_builders.synthetic_world_for(config.data.train)
@@ -106,8 +106,9 @@ def main():
       f"- Time on a 2-core CPU: {train_seconds / 60:.1f} min of training steps (the logged windows: "
       f"{sum(speeds) / len(speeds):.1f} images/s on average); the run's last start took {wall / 60:.1f} min "
       "wall time, evaluations included." + (f" {args.note}" if args.note else ""),
-      f"- Reproduce: `python -m adaptface_jax.main --config configs/pretrain.py:{arg} --workdir workdirs/pretrain_{arg}`"
-      f" then `python -m adaptface_jax.export --workdir workdirs/pretrain_{arg} --out {snapshot}` and "
+      f"- Reproduce: `python -m adaptface_jax.main --config configs/pretrain.py:{arg} "
+      f"--workdir workdirs/pretrain_{arg}` then `python -m adaptface_jax.export --workdir workdirs/pretrain_{arg} "
+      f"--out {snapshot}` and "
       f"`python launch/pretrain_card.py --workdir workdirs/pretrain_{arg} --snapshot {snapshot}`.",
       "",
       f"model.safetensors sha256: {sha256}",

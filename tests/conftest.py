@@ -13,7 +13,7 @@ import pytest
 def hf_snapshots(tmp_path_factory):
   """Full-size DINOv2 ViT-S/14, CLIP ViT-B/16 (vision and full CLIPModel) snapshots saved with save_pretrained."""
   import torch
-  from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model)
+  from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
   torch.manual_seed(0)
   root = tmp_path_factory.mktemp("hf")

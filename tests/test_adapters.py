@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import random_images
 from flax import traverse_util
 
 from adaptface_jax import load_backbone, trainable_rules
 from adaptface_jax.models import face_model
 from adaptface_jax.models.lora import AdaptedDense, AdapterSpec, lora_delta
 from configs import common
-from conftest import random_images
 
 
 def _lora_variables(module, backbone, images, seed=0):
@@ -41,8 +41,9 @@ def test_peft_parity_q_v_and_attention_output(hf_snapshots):
   variables["lora"] = traverse_util.unflatten_dict(flat, sep="/")
 
   # get_peft_model modifies the model in place: wrap a copy, the fixture's model is shared with other tests.
-  peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                lora_dropout=0.0, init_lora_weights=False))
+  peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0,
+                           init_lora_weights=False)
+  peft_model = get_peft_model(copy.deepcopy(model), peft_config)
   ours_to_peft = {"qkv/q": "q_proj", "qkv/v": "v_proj", "proj": "o_proj"}
   state = dict(peft_model.named_parameters())
   with torch.no_grad():
@@ -98,7 +99,7 @@ def test_pooled_only_gives_the_same_pooled_output_and_gradients(preset):
     return out["pooler_output"]
 
   np.testing.assert_allclose(pooled(lora, w, True), pooled(lora, w, False), atol=1e-5)
-  grads = [jax.grad(lambda l, w, p=p: jnp.sum(pooled(l, w, p) ** 2), argnums=(0, 1))(lora, w) for p in (True, False)]
+  grads = [jax.grad(lambda a, w, p=p: jnp.sum(pooled(a, w, p) ** 2), argnums=(0, 1))(lora, w) for p in (True, False)]
   for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -175,7 +176,8 @@ def test_rules_must_cover_every_leaf():
   tree = {"params": {"backbone": {"w": np.zeros(2)}, "head": {"w": np.zeros(3)}}, "lora": {"a": np.zeros(4)}}
   with pytest.raises(ValueError, match="params/head/w"):
     trainable_rules.split(tree, [(r"^lora/", "train"), (r"^params/backbone/", "freeze")])
-  trainable, frozen = trainable_rules.split(tree, [(r"^lora/", "train"), (r"^params/head/", "train"), (r".*", "freeze")])
+  rules = [(r"^lora/", "train"), (r"^params/head/", "train"), (r".*", "freeze")]
+  trainable, frozen = trainable_rules.split(tree, rules)
   assert set(trainable_rules.flatten(trainable)) == {"params/head/w", "lora/a"}
   assert set(trainable_rules.flatten(frozen)) == {"params/backbone/w"}
   assert set(trainable_rules.flatten(trainable_rules.merge(trainable, frozen))) == set(trainable_rules.flatten(tree))
@@ -184,11 +186,11 @@ def test_rules_must_cover_every_leaf():
 @pytest.mark.parametrize("experiment,expected", [
     ("lora_dino", 442_368), ("dalora_dino", 1_327_104), ("lora_clip", 884_736), ("dalora_clip", 2_654_208)])
 def test_inspect_adapter_counts(experiment, expected):
-  out = subprocess.run([sys.executable, "-m", "adaptface_jax.inspect_params", f"--config=configs/{experiment}.py", "--json"],
-                       capture_output=True, text=True, check=True)
+  command = [sys.executable, "-m", "adaptface_jax.inspect_params", f"--config=configs/{experiment}.py", "--json"]
+  out = subprocess.run(command, capture_output=True, text=True, check=True)
   info = json.loads(out.stdout)
   assert info["subtrees"]["lora/backbone"]["total"] == expected
   assert info["subtrees"]["params/backbone"]["trainable"] == 0
   assert info["total"] == info["trainable"] + info["frozen"]
-  lora_leaves = [l for l in info["leaves"] if l["path"].startswith("lora/")]
-  assert lora_leaves and all(l["trainable"] for l in lora_leaves)
+  lora_leaves = [leaf for leaf in info["leaves"] if leaf["path"].startswith("lora/")]
+  assert lora_leaves and all(leaf["trainable"] for leaf in lora_leaves)

@@ -1,4 +1,5 @@
-"""attention() (softmax normalised after the matmul, grouped on CPU) equals softmax-then-matmul, values and gradients."""
+"""attention() (softmax normalised after the matmul, grouped on CPU) equals softmax-then-matmul, values and
+gradients."""
 
 import os
 import subprocess

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import random_images
 from safetensors.numpy import load_file, save_file
 
 from adaptface_jax import load_backbone
 from adaptface_jax.models import vit
 from adaptface_jax.models.hf_weights import BackboneUnavailableError, CheckpointError
 from adaptface_jax.models.vit import ViTConfig, bicubic_matrix
-from conftest import random_images
 
 TOL = 1e-4
 

@@ -9,13 +9,13 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
+from conftest import random_images
 from huggingface_hub import constants
 from safetensors.numpy import load_file
 
 from adaptface_jax import load_backbone
 from adaptface_jax.models import face_model, hf_weights
 from configs import common
-from conftest import random_images
 
 ROOT = Path(__file__).resolve().parents[1]
 DINO, CLIP = common.BACKBONES["dino"], common.BACKBONES["clip"]

@@ -63,3 +63,23 @@ def test_an_old_module_name_fails_with_the_new_one(old, new):
     command = subprocess.run([sys.executable, "-m", "adaptface_jax.inspect", "--config", "configs/lora_dino.py"],
                              cwd=ROOT, capture_output=True, text=True)
     assert command.returncode != 0 and new in command.stderr, command.stderr[-500:]
+
+
+def test_every_python_file_indents_by_two_spaces():
+  """The indentation half of the style that ruff (pyproject.toml) does not check: every block is 2 spaces deeper."""
+  import io
+  import tokenize
+  offenders = {}
+  for path in sorted(ROOT.glob("**/*.py")):
+    relative = path.relative_to(ROOT).as_posix()
+    if relative.startswith((".", "runs/", "workdirs/")) or "/." in relative:
+      continue
+    depths = [0]
+    for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+      if token.type == tokenize.INDENT:
+        if len(token.string) - depths[-1] != 2:
+          offenders.setdefault(relative, token.start[0])
+        depths.append(len(token.string))
+      elif token.type == tokenize.DEDENT:
+        depths.pop()
+  assert not offenders, f"blocks not indented by 2 spaces (file: first line): {offenders}"

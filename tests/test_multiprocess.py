@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from conftest import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +78,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, cache_dir):
   assert all(results[name]["num_pairs"] == 40 for name in names)
   assert json.loads((multi / "summary.json").read_text())["steps"] == STEPS
   lines = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
-  assert [l["step"] for l in lines if "loss/total" in l] == list(range(1, STEPS + 1))  # process 0 alone writes
-  assert [l["step"] for l in lines if "eval/synth_lfw" in l] == [STEPS]
+  assert [line["step"] for line in lines if "loss/total" in line] == list(range(1, STEPS + 1))  # process 0 writes
+  assert [line["step"] for line in lines if "eval/synth_lfw" in line] == [STEPS]
 
   (step_single, a), (step_multi, b) = _trainable(single, multi)
   assert step_single == step_multi == STEPS and a.keys() == b.keys()

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf  # noqa: E402  (after pipeline, which hides the GPUs first)
+import tensorflow_datasets as tfds  # noqa: E402
 from PIL import Image, ImageEnhance, ImageOps
 
 from adaptface_jax.data import pipeline, recordio, synthetic, tfds_builders
-
-import tensorflow as tf  # noqa: E402  (after pipeline, which hides the GPUs first)
-import tensorflow_datasets as tfds  # noqa: E402
 
 TINY = "synthetic_faces/tiny"
 NUM_EXAMPLES, NUM_CLASSES = 16 * 8, 16

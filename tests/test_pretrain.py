@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_run_args
 from test_train_e2e import main_cmd, run
 

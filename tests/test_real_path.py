@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from test_hub import tiny_hf_model, write_hf_cache
 
 from adaptface_jax.data import binfile, recordio
 from configs import common
-from test_hub import tiny_hf_model, write_hf_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES, IMAGES_PER_CLASS, NUM_PAIRS = 4, 4, 20

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from adaptface_jax.data import recordio
-from adaptface_jax.data.recordio import (MAGIC, InsightFaceRecord, RecordIOError, RecordIOReader, RecordIOWriter,
-                                         pack_image_record, unpack_image_record, write_insightface_record)
+from adaptface_jax.data.recordio import (
+  MAGIC,
+  InsightFaceRecord,
+  RecordIOError,
+  RecordIOReader,
+  RecordIOWriter,
+  pack_image_record,
+  unpack_image_record,
+  write_insightface_record,
+)
 
 MAGIC_BYTES = struct.pack("<I", 0xCED7230A)
 

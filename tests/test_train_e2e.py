@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ def test_demo_config_completes_from_fresh_workdir(tmp_path, cache_dir):
     assert len(results[name]["domain_weights"]["a"]) == 3
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["steps"] == 2 and summary["frozen_params"] == 2_797_632
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert {"loss/margin", "loss/domain_entropy", "loss/domain_balance", "lr", "grad_norm", "images_per_sec",
           "routing/mean_w0"} <= set(lines[0])
   assert list((workdir / "tensorboard").iterdir())
@@ -146,7 +145,7 @@ def test_ablation_two_cells_and_report(tmp_path, cache_dir):
   out = run([sys.executable, "-m", "adaptface_jax.evaluate", f"--workdir={runs / 'dalora_dino-domains2'}",
              "--max_pairs=40", "--json"], cache_dir)
   lines = [json.loads(line) for line in out.stdout.splitlines()]
-  assert [l["name"] for l in lines] == ["synth_lfw", "synth_cfp_fp", "synth_agedb"]
+  assert [line["name"] for line in lines] == ["synth_lfw", "synth_cfp_fp", "synth_agedb"]
   results = json.loads((runs / "dalora_dino-domains2" / "results.json").read_text())
   for line in lines:
     assert line["accuracy"] == pytest.approx(results[line["name"]]["accuracy"], abs=1e-9)

@@ -13,8 +13,8 @@ import collections
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm

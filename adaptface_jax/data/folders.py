@@ -10,15 +10,15 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from adaptface_jax.data import binfile, recordio
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PIL_FORMAT_BY_OPTION = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
@@ -48,7 +48,7 @@ def scan_image_folder(root: str | os.PathLike) -> dict[str, list[Path]]:
     else:
       empty.append(identity_dir.name)
   if empty:
-    logger.warning("%s: %d identity folders hold no .jpg/.jpeg/.png image and are left out (e.g. %s)", root,
+    log.warning("%s: %d identity folders hold no .jpg/.jpeg/.png image and are left out (e.g. %s)", root,
                    len(empty), empty[:5])
   if not identities:
     loose = sum(1 for p in root.iterdir() if _is_image(p))

@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
-
-from adaptface_jax.data import tfds_builders  # hides the GPUs from TensorFlow before any op runs
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from adaptface_jax.data import tfds_builders  # hides the GPUs from TensorFlow before any op runs
 
 MAX_RANDAUGMENT_MAGNITUDE = 30  # the 31-bin scale of torchvision's RandAugment (FRoundation's (4, 16))
 _INT64_MAX = np.iinfo(np.int64).max

@@ -21,13 +21,14 @@ import numbers
 import os
 import struct
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -450,10 +451,10 @@ class InsightFaceRecord:
     try:
       property_classes = int(text.split(",")[0])
     except ValueError:
-      logger.warning("%s: cannot parse %r as 'num_classes,height,width'; using record 0", self.property_path, text)
+      log.warning("%s: cannot parse %r as 'num_classes,height,width'; using record 0", self.property_path, text)
       return
     if self._num_classes is not None and property_classes != self._num_classes:
-      logger.warning("%s says %d classes but record 0 of %s says %d; using record 0", self.property_path,
+      log.warning("%s says %d classes but record 0 of %s says %d; using record 0", self.property_path,
                      property_classes, self.rec_path, self._num_classes)
 
   def close(self) -> None:
@@ -552,7 +553,7 @@ class InsightFaceRecord:
       message = f"{self.rec_path}: key {key}: corrupt image ({len(image_bytes)} bytes): {error}"
       if on_error == "raise":
         raise ValueError(message) from error
-      logger.warning("%s; skipped", message)
+      log.warning("%s; skipped", message)
       return None
 
 

@@ -33,16 +33,16 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from adaptface_jax.data.common import RENDERER_VERSION, default_cache_dir
 from adaptface_jax.data.common import SYNTHETIC_BENCHMARKS as BENCHMARKS
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # A pose-domain image turns at least this far (degrees); otherwise an age-domain image is at least this old.
 POSE_DOMAIN_MIN_YAW = 45.0
@@ -762,7 +762,7 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
   scratch = root.parent / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   scratch.mkdir()
   try:
-    logger.info("generating the synthetic face world %s into %s", name, root)
+    log.info("generating the synthetic face world %s into %s", name, root)
     from adaptface_jax import runtime
     stats = _generate(scratch, seed, num_train_identities, images_per_identity, num_pairs, image_size, train_kind,
                       identity_offset, processes=runtime.usable_cpus())
@@ -777,10 +777,10 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
     except OSError:
       if not (root / COMPLETE_MARKER).exists():
         raise
-      logger.info("%s was completed by another process meanwhile; using it", root)
+      log.info("%s was completed by another process meanwhile; using it", root)
   finally:
     if scratch.exists():
       shutil.rmtree(scratch, ignore_errors=True)
-  logger.info("synthetic world %s: %d images in %.1f s (%.0f images/s, %d processes)", name, stats["images"],
+  log.info("synthetic world %s: %d images in %.1f s (%.0f images/s, %d processes)", name, stats["images"],
               stats["seconds"], stats["images_per_second"], stats["processes"])
   return _describe(root)
