@@ -1,6 +1,7 @@
 """`python -m adaptface_jax.main --config configs/<experiment>.py[:ARGS] --workdir DIR [--config.x=y ...]`.
 
-Rerunning the same command on the same workdir resumes from its last checkpoint.
+Rerunning the same command on the same workdir resumes from its last checkpoint. `--config.init_from=OTHER_WORKDIR`
+starts a new run (step 0, fresh optimizer) from the trainable weights of another run (run_state.init_from_run).
 """
 
 import os

@@ -2,12 +2,14 @@
 
 `setup(config, ...)` gives the model, the initial `TrainState`, the frozen tree and the optimizer (training starts
 here); `load_run(workdir)` restores a finished or running run from its checkpoints (evaluation and export start
-here, without the training loop).
+here, without the training loop); `init_from_run` starts a new run from another run's trainable weights
+(config.init_from).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ import ml_collections
 from adaptface_jax import checkpoints, optim, trainable_rules
 from adaptface_jax.data.common import DOMAIN_NAMES
 from adaptface_jax.models import face_model, hf_weights
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -64,3 +68,80 @@ def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
   state = manager.restore(state, step=step, which=which, expected_fingerprint=checkpoints.fingerprint(frozen))
   manager.close()
   return config, model, trainable_rules.merge(state.trainable, frozen), meta
+
+
+def _backbone(config: ml_collections.ConfigDict) -> str:
+  return config.model.backbone + (" (random init)" if config.model.get("random_init", False) else "")
+
+
+def _shown(paths: list[str], limit: int = 8) -> str:
+  return ", ".join(paths[:limit]) + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def init_from_run(state: TrainState, frozen, config: ml_collections.ConfigDict, source_workdir: str, *,
+                  tx=None) -> TrainState:
+  """`state`, a new run's initial state, with its trainable leaves taken from the last checkpoint of the run in
+  `source_workdir` (config.init_from). Step and rng stay those of the new run; the optimizer state is `tx.init` of
+  the new weights (with tx None, the state's own, which setup made fresh).
+
+  A leaf of the same path and shape takes the source's value; a LoRA leaf [1, ...] of the source goes into each
+  domain of a DA-LoRA leaf [K, ...]; a leaf the source has not (the router of DA-LoRA, an added LoRA target) keeps
+  its initialisation, and so do the class centres (margin/) when the number of classes differs. Refused with a
+  ValueError, before anything is written: another backbone or other frozen weights, DA-LoRA -> LoRA, any other
+  difference of shape, and a source leaf this run has not (other targets; margin/ aside). A source that is no
+  training workdir or has no checkpoint: FileNotFoundError.
+  """
+  flag = f"--config.init_from={source_workdir}"
+  source = Path(source_workdir).expanduser()
+  if not (source / "config.json").exists():
+    raise FileNotFoundError(f"{flag}: {source} is not a training workdir (no config.json)")
+  source_config = ml_collections.ConfigDict(json.loads((source / "config.json").read_text()))
+  if _backbone(source_config) != _backbone(config):
+    raise ValueError(f"{flag}: that run adapted the backbone {_backbone(source_config)}, this config loads "
+                     f"{_backbone(config)}; a run can only start from a run of the same backbone")
+  theirs_k, ours_k = (c.adapter.num_domains if c.adapter.rank else 0 for c in (source_config, config))
+  if theirs_k > 1 and ours_k == 1:
+    raise ValueError(f"{flag}: that run is DA-LoRA with {theirs_k} domain adapters, this config plain LoRA "
+                     f"(adapter.num_domains=1); DA-LoRA -> LoRA is not supported (there is no one adapter to take)")
+  manager = checkpoints.Checkpoints(source / "checkpoints")
+  step = manager.latest_step()
+  meta = manager.read_meta(step) if step is not None else None
+  manager.close()
+  if meta is None:
+    raise FileNotFoundError(f"{flag}: {source} has no checkpoint (nothing in {manager.directory / 'last'})")
+  if meta["frozen_fingerprint"] != checkpoints.fingerprint(frozen):
+    raise ValueError(f"{flag}: that run's frozen weights (backbone {_backbone(source_config)}) differ from this "
+                     f"config's (backbone {_backbone(config)}): another seed of a random init, or other "
+                     f"config.trainable rules; a run can only start from a run of the same frozen weights")
+
+  _, _, variables, _ = load_run(str(source), step=step)
+  theirs = trainable_rules.flatten(trainable_rules.split(variables, source_config.trainable)[0])
+  ours = trainable_rules.flatten(state.trainable)
+  taken, tiled, kept, unfit = {}, [], [], []
+  for path, leaf in ours.items():
+    value = theirs.get(path)
+    if value is None:
+      kept.append(path)
+    elif value.shape == leaf.shape:
+      taken[path] = value
+    elif path.startswith("lora/") and value.shape[0] == 1 and value.shape[1:] == leaf.shape[1:]:
+      taken[path] = jnp.broadcast_to(value, leaf.shape)  # LoRA -> DA-LoRA: every domain starts from the adapter
+      tiled.append(path)
+    elif path.startswith(face_model.MARGIN + "/"):  # the class centres of another number of identities
+      kept.append(f"{path} ({list(value.shape)} there, {list(leaf.shape)} here)")
+    else:
+      unfit.append(f"{path}: {list(value.shape)} there, {list(leaf.shape)} here")
+  unfit += [f"{path}: {list(value.shape)} there, absent here" for path, value in theirs.items()
+            if path not in ours and not path.startswith(face_model.MARGIN + "/")]
+  if unfit:
+    raise ValueError(f"{flag}: {len(unfit)} trainable leaves of that run do not fit this config (another adapter "
+                     "rank, targets or embedding size?): " + "; ".join(unfit[:6]) + ("; ..." * (len(unfit) > 6)))
+  scale = lambda c: (c.adapter.alpha, c.adapter.rslora)
+  if taken and scale(source_config) != scale(config):
+    log.warning("%s: that run's adapters were trained at another scale: (alpha, rslora) %s there, %s here", flag,
+                scale(source_config), scale(config))
+  log.info("%d of %d trainable leaves initialised from %s (step %d)%s; kept their own initialisation: %s", len(taken),
+           len(ours), source, step, f", {len(tiled)} LoRA leaves copied into each of {ours_k} domains"
+           if tiled else "", _shown(kept) or "none")
+  trainable = trainable_rules.unflatten({p: jnp.asarray(taken.get(p, leaf), leaf.dtype) for p, leaf in ours.items()})
+  return state.replace(trainable=trainable, opt_state=tx.init(trainable) if tx is not None else state.opt_state)

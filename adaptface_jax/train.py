@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from adaptface_jax import checkpoints, losses, sharding, trainable_rules
 from adaptface_jax.metrics_log import MetricsLog
 from adaptface_jax.models import face_model
-from adaptface_jax.run_state import TrainState, setup
+from adaptface_jax.run_state import TrainState, init_from_run, setup
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = Path(workdir).expanduser()
   # Everything that can refuse the run (batch, data, backbone, checkpoints, benchmarks) is checked before the
   # workdir is created or written: a refused command leaves no half-made workdir behind.
+  init_from = config.get("init_from", "")
+  if init_from and Path(init_from).expanduser().resolve() == workdir.resolve():
+    raise ValueError(f"--config.init_from={init_from} is this run's own --workdir; give another workdir to the new "
+                     "run (rerunning the command on its workdir resumes it without init_from)")
   mesh = sharding.data_mesh()
   if config.data.batch_size <= 0 or config.data.batch_size % mesh.size:
     raise ValueError(f"--config.data.batch_size={config.data.batch_size}: the global batch must be a positive "
@@ -155,7 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _write_summary(workdir, config, state, frozen, steps, final, wall_time=None)
         log.info("wrote its missing summary.json")
       return {}
-    log.info("resumed from step %d", int(state.step))
+    log.info("resumed from step %d%s", int(state.step),
+             " (init_from applies to a fresh workdir only)" if init_from else "")
+  elif init_from:  # a new run (step 0) from another run's trainable weights, with a fresh optimizer and schedule
+    state = init_from_run(state, frozen, config, init_from, tx=tx)
   log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())
   replicated, batch_sharding = sharding.shardings(mesh)
   state = sharding.put(state, replicated)

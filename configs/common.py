@@ -95,6 +95,7 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=5.0, decay_1d=False))
   c.num_epochs = 40
   c.total_steps = 0  # 0: num_epochs over the training set
+  c.init_from = ""  # a run's workdir: start this new run from its last trainable weights (fresh optimizer); "": off
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3

@@ -213,7 +213,7 @@ def test_every_config_field_named_to_users_exists():
   assert not missing, f"--config fields that do not exist: {missing}"
 
 
-CLI_MODULES = ("main", "evaluate", "export", "inspect_params")
+CLI_MODULES = ("main", "evaluate", "export", "inspect_params", "identify")
 ABSL_BUILTIN = {"help", "helpfull", "helpshort", "flagfile"}
 
 

@@ -49,7 +49,7 @@ def scan_image_folder(root: str | os.PathLike) -> dict[str, list[Path]]:
       empty.append(identity_dir.name)
   if empty:
     log.warning("%s: %d identity folders hold no .jpg/.jpeg/.png image and are left out (e.g. %s)", root,
-                   len(empty), empty[:5])
+                len(empty), empty[:5])
   if not identities:
     loose = sum(1 for p in root.iterdir() if _is_image(p))
     hint = f" ({loose} images lie directly in the root; put each identity in its own folder)" if loose else ""

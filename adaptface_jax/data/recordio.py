@@ -455,7 +455,7 @@ class InsightFaceRecord:
       return
     if self._num_classes is not None and property_classes != self._num_classes:
       log.warning("%s says %d classes but record 0 of %s says %d; using record 0", self.property_path,
-                     property_classes, self.rec_path, self._num_classes)
+                  property_classes, self.rec_path, self._num_classes)
 
   def close(self) -> None:
     self.reader.close()

@@ -782,5 +782,5 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
     if scratch.exists():
       shutil.rmtree(scratch, ignore_errors=True)
   log.info("synthetic world %s: %d images in %.1f s (%.0f images/s, %d processes)", name, stats["images"],
-              stats["seconds"], stats["images_per_second"], stats["processes"])
+           stats["seconds"], stats["images_per_second"], stats["processes"])
   return _describe(root)

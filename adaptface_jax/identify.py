@@ -1,0 +1,190 @@
+"""1:N identification of probe faces against a gallery, from the command line.
+
+  python -m adaptface_jax.identify --workdir W --gallery DIR --probe DIR [--top_k 5] [--out probes.csv]
+
+Both folders hold aligned 112x112 faces (.jpg/.jpeg/.png). The gallery has one folder per identity; the probe
+folder has images directly in it (unlabelled) and/or in one folder per identity (labelled by the folder's name).
+Each face is embedded as in verification (the raw embeddings of the image and of its flip, summed, L2-normalised);
+an identity's template is the normalised mean of its faces; a probe's score against an identity is the cosine of
+its embedding and the template.
+
+Writes one CSV row per probe with its top-k gallery identities and scores (default WORKDIR/identify/probes.csv).
+With labelled probes it also reports, on stdout and in metrics.json beside the CSV:
+  - closed set (probes whose identity is in the gallery): CMC at rank 1 and rank 5;
+  - open set, when some labelled probes' identities are not in the gallery: TPIR at FPIR = 1e-2 and 1e-1, where
+    the threshold t lets that fraction of the non-mated probes' best scores reach t, and a mated probe counts as
+    identified when its own identity ranks first with a score >= t.
+Gallery embeddings are cached in WORKDIR/identify/cache/, keyed by the checkpoint and the gallery's file bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from adaptface_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: its checkpoint embeds the faces.", required=True)
+_GALLERY = flags.DEFINE_string("gallery", None, "Gallery folder: GALLERY/<identity>/<face>.jpg", required=True)
+_PROBE = flags.DEFINE_string("probe", None, "Probe folder: PROBE/<face>.jpg and/or PROBE/<identity>/<face>.jpg",
+                             required=True)
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Gallery identities listed per probe.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_OUT = flags.DEFINE_string("out", None, "The CSV (default: WORKDIR/identify/probes.csv).")
+
+IMAGE_SIZE = 112
+FPIR_TARGETS = (1e-2, 1e-1)
+UNLABELLED = ""
+
+
+def _images(folder: Path, *, labelled_only: bool) -> list[tuple[Path, str]]:
+  """(path, identity) of every face in `folder`: in identity subfolders, and loose ones as UNLABELLED."""
+  from adaptface_jax.data.folders import IMAGE_SUFFIXES
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder}: no such folder")
+  is_image = lambda p: p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES  # noqa: E731
+  faces = [(p, UNLABELLED) for p in sorted(folder.iterdir()) if is_image(p) and not labelled_only]
+  for identity in sorted(p for p in folder.iterdir() if p.is_dir()):
+    faces += [(p, identity.name) for p in sorted(identity.iterdir()) if is_image(p)]
+  if not faces:
+    layout = "<identity>/<face>.jpg" if labelled_only else "<face>.jpg or <identity>/<face>.jpg"
+    raise ValueError(f"{folder}: no .jpg/.jpeg/.png faces found (expected {folder}/{layout})")
+  return faces
+
+
+def _decode(path: Path) -> np.ndarray:
+  with Image.open(path) as image:
+    array = np.asarray(image.convert("RGB"))
+  if array.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+    raise ValueError(f"{path}: face is {array.shape[1]}x{array.shape[0]}; identification takes aligned "
+                     f"{IMAGE_SIZE}x{IMAGE_SIZE} faces, as training and verification do")
+  return array
+
+
+def embed_faces(embed, paths: list[Path]) -> np.ndarray:
+  """Unit embeddings [N, D] of the faces (image + flip, as verification)."""
+  from adaptface_jax import verification
+  images = np.stack([_decode(path) for path in paths])
+  raw, raw_flip, _ = embed(images)
+  return verification.strict_l2_normalize(raw + raw_flip)
+
+
+def templates(embeddings: np.ndarray, identities: list[str]) -> tuple[list[str], np.ndarray]:
+  """(identity names in sorted order, unit templates [I, D]): the normalised mean of each identity's faces."""
+  names = sorted(set(identities))
+  index = {name: i for i, name in enumerate(names)}
+  sums = np.zeros((len(names), embeddings.shape[1]), np.float64)
+  np.add.at(sums, [index[name] for name in identities], embeddings)
+  return names, sums / np.linalg.norm(sums, axis=1, keepdims=True)
+
+
+def cmc(scores: np.ndarray, gallery_names: list[str], probe_identities: list[str], ranks=(1, 5)) -> dict[str, float]:
+  """Closed-set CMC: the fraction of mated probes (identity in the gallery) whose identity is within the top r."""
+  column = {name: i for i, name in enumerate(gallery_names)}
+  mated = [(row, column[name]) for row, name in enumerate(probe_identities) if name in column]
+  if not mated:
+    return {}
+  rows, truth = map(np.asarray, zip(*mated))
+  # rank of the true identity: how many identities score strictly higher, plus one
+  rank = 1 + (scores[rows] > scores[rows, truth][:, None]).sum(axis=1)
+  return {f"cmc_rank{r}": float(np.mean(rank <= r)) for r in ranks}
+
+
+def tpir_at_fpir(scores: np.ndarray, gallery_names: list[str], probe_identities: list[str],
+                 fpir_targets=FPIR_TARGETS) -> dict[str, float]:
+  """Open-set TPIR (rank 1) at each FPIR: labelled probes whose identity is not in the gallery are non-mated."""
+  column = {name: i for i, name in enumerate(gallery_names)}
+  labelled = [(row, name) for row, name in enumerate(probe_identities) if name != UNLABELLED]
+  mated = [(row, column[name]) for row, name in labelled if name in column]
+  non_mated = np.asarray([row for row, name in labelled if name not in column], int)
+  if not mated or not len(non_mated):
+    return {}
+  best_non_mated = np.sort(scores[non_mated].max(axis=1))[::-1]
+  rows, truth = map(np.asarray, zip(*mated))
+  own = scores[rows, truth]
+  first = own >= scores[rows].max(axis=1)
+  out = {}
+  for target in fpir_targets:
+    allowed = int(np.floor(target * len(best_non_mated)))  # non-mated probes that may reach the threshold
+    # the smallest threshold that lets at most `allowed` non-mated best scores reach it
+    threshold = np.nextafter(best_non_mated[allowed], np.inf) if allowed < len(best_non_mated) else -np.inf
+    out[f"tpir_at_fpir_{target:g}"] = float(np.mean(first & (own >= threshold)))
+  out["non_mated_probes"] = len(non_mated)
+  return out
+
+
+def _gallery_key(workdir: Path, step: int, paths: list[Path], identities: list[str]) -> str:
+  digest = hashlib.sha256(f"{workdir.resolve()}\n{step}\n".encode())
+  for path, identity in zip(paths, identities):
+    digest.update(f"{identity}/{path.name}\n".encode())
+    digest.update(hashlib.sha256(path.read_bytes()).digest())
+  return digest.hexdigest()[:16]
+
+
+def identify(workdir: str, gallery: str, probe: str, *, top_k: int = 5, step: int | None = None,
+             out: str | None = None) -> dict:
+  """Writes the probes' top-k CSV (and metrics.json with labelled probes); returns {"csv", "metrics"}."""
+  from adaptface_jax import embeddings, run_state
+  from adaptface_jax.models import face_model
+  if top_k < 1:
+    raise ValueError(f"--top_k must be >= 1, got {top_k}")
+  workdir_path = Path(workdir).expanduser()
+  gallery_faces = _images(Path(gallery).expanduser(), labelled_only=True)
+  probe_faces = _images(Path(probe).expanduser(), labelled_only=False)
+  config, model, variables, meta = run_state.load_run(workdir, step=step)
+  variables, _ = face_model.split_margin(variables)
+  embed_fn = embeddings.make_embed_fn(model)
+  embed = lambda images: embeddings.extract(embed_fn, variables, images, batch_size=config.eval.batch_size)
+
+  gallery_paths, gallery_ids = [p for p, _ in gallery_faces], [name for _, name in gallery_faces]
+  key = _gallery_key(workdir_path, int(meta["step"]), gallery_paths, gallery_ids)
+  cache = workdir_path / "identify" / "cache" / f"{key}.npz"
+  if cache.exists():
+    gallery_embeddings = np.load(cache)["embeddings"]
+    print(f"gallery embeddings from {cache}", file=sys.stderr)
+  else:
+    gallery_embeddings = embed_faces(embed, gallery_paths)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, embeddings=gallery_embeddings)
+  names, gallery_templates = templates(gallery_embeddings, gallery_ids)
+  probe_paths, probe_ids = [p for p, _ in probe_faces], [name for _, name in probe_faces]
+  scores = embed_faces(embed, probe_paths) @ gallery_templates.T
+
+  out_path = Path(out).expanduser() if out else workdir_path / "identify" / "probes.csv"
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  k = min(top_k, len(names))
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  with out_path.open("w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["probe", "identity"] + [f"{field}{r}" for r in range(1, k + 1) for field in ("top", "score")])
+    for row, (path, identity) in enumerate(zip(probe_paths, probe_ids)):
+      ranked = [value for column in order[row] for value in (names[column], f"{scores[row, column]:.6f}")]
+      writer.writerow([str(path), identity] + ranked)
+  metrics = {**cmc(scores, names, probe_ids), **tpir_at_fpir(scores, names, probe_ids)}
+  if metrics:
+    metrics.update(step=int(meta["step"]), gallery_identities=len(names), probes=len(probe_paths))
+    (out_path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
+  return {"csv": str(out_path), "metrics": metrics}
+
+
+def main(argv):
+  del argv
+  result = identify(_WORKDIR.value, _GALLERY.value, _PROBE.value, top_k=_TOP_K.value, step=_STEP.value,
+                    out=_OUT.value)
+  print(f"wrote {result['csv']}", file=sys.stderr)
+  for name, value in result["metrics"].items():
+    print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+
+
+if __name__ == "__main__":
+  from adaptface_jax import runtime
+  runtime.use_tcmalloc()
+  runtime.use_cpu_devices()
+  cli.run(main)
