@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-from PIL import Image
 
 from adaptface_jax import cli
+from adaptface_jax.data.common import IMAGE_SIZE
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: its checkpoint embeds the faces.", required=True)
 _GALLERY = flags.DEFINE_string("gallery", None, "Gallery folder: GALLERY/<identity>/<face>.jpg", required=True)
@@ -39,20 +39,18 @@ _TOP_K = flags.DEFINE_integer("top_k", 5, "Gallery identities listed per probe."
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "The CSV (default: WORKDIR/identify/probes.csv).")
 
-IMAGE_SIZE = 112
 FPIR_TARGETS = (1e-2, 1e-1)
 UNLABELLED = ""
 
 
 def _images(folder: Path, *, labelled_only: bool) -> list[tuple[Path, str]]:
   """(path, identity) of every face in `folder`: in identity subfolders, and loose ones as UNLABELLED."""
-  from adaptface_jax.data.folders import IMAGE_SUFFIXES
+  from adaptface_jax.data.folders import is_image_file
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder}: no such folder")
-  is_image = lambda p: p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES  # noqa: E731
-  faces = [(p, UNLABELLED) for p in sorted(folder.iterdir()) if is_image(p) and not labelled_only]
+  faces = [(p, UNLABELLED) for p in sorted(folder.iterdir()) if is_image_file(p) and not labelled_only]
   for identity in sorted(p for p in folder.iterdir() if p.is_dir()):
-    faces += [(p, identity.name) for p in sorted(identity.iterdir()) if is_image(p)]
+    faces += [(p, identity.name) for p in sorted(identity.iterdir()) if is_image_file(p)]
   if not faces:
     layout = "<identity>/<face>.jpg" if labelled_only else "<face>.jpg or <identity>/<face>.jpg"
     raise ValueError(f"{folder}: no .jpg/.jpeg/.png faces found (expected {folder}/{layout})")
@@ -60,8 +58,8 @@ def _images(folder: Path, *, labelled_only: bool) -> list[tuple[Path, str]]:
 
 
 def _decode(path: Path) -> np.ndarray:
-  with Image.open(path) as image:
-    array = np.asarray(image.convert("RGB"))
+  from adaptface_jax.data.recordio import decode_image
+  array = decode_image(path.read_bytes())
   if array.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
     raise ValueError(f"{path}: face is {array.shape[1]}x{array.shape[0]}; identification takes aligned "
                      f"{IMAGE_SIZE}x{IMAGE_SIZE} faces, as training and verification do")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+IMAGE_SIZE = 112  # every face dataset holds aligned 112x112 faces
+
 # An example's `domain` label is its index here (-1 when unknown, as for CASIA-WebFace and image folders).
 DOMAIN_NAMES = ("general", "pose", "age")
 UNKNOWN_DOMAIN = -1

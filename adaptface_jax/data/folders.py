@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PIL_FORMAT_BY_OPTION = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
 
 
-def _is_image(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
   return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
@@ -42,7 +42,7 @@ def scan_image_folder(root: str | os.PathLike) -> dict[str, list[Path]]:
   identities: dict[str, list[Path]] = {}
   empty = []
   for identity_dir in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
-    images = sorted((p for p in identity_dir.iterdir() if _is_image(p)), key=lambda p: p.name)
+    images = sorted((p for p in identity_dir.iterdir() if is_image_file(p)), key=lambda p: p.name)
     if images:
       identities[identity_dir.name] = images
     else:
@@ -51,7 +51,7 @@ def scan_image_folder(root: str | os.PathLike) -> dict[str, list[Path]]:
     log.warning("%s: %d identity folders hold no .jpg/.jpeg/.png image and are left out (e.g. %s)", root,
                 len(empty), empty[:5])
   if not identities:
-    loose = sum(1 for p in root.iterdir() if _is_image(p))
+    loose = sum(1 for p in root.iterdir() if is_image_file(p))
     hint = f" ({loose} images lie directly in the root; put each identity in its own folder)" if loose else ""
     raise ValueError(f"{root}: no identity folder with .jpg/.jpeg/.png images found{hint}")
   return identities

@@ -48,7 +48,7 @@ def hide_gpus_from_tensorflow() -> None:
 
 hide_gpus_from_tensorflow()
 
-IMAGE_SIZE = 112
+IMAGE_SIZE = common.IMAGE_SIZE
 PRETRAIN_IDENTITIES, PRETRAIN_IMAGES = 2000, 24
 _VERSION = tfds.core.Version("1.0.0")
 
