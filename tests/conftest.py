@@ -1,12 +1,29 @@
 """Shared fixtures: HF checkpoints made locally from configs with random weights (nothing is downloaded)."""
 
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import shutil
+import tempfile
+import uuid
 
 import numpy as np
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One JAX persistent compilation cache for the whole test run: the pytest-xdist workers (which inherit the
+# controller's environment) and every subprocess they start reuse each other's compiled programs instead of
+# compiling the same tiny runs again. A fresh directory per run, so a run never reads programs compiled by an older
+# checkout; the executables are the ones XLA compiles, so results are unchanged.
+JAX_CACHE = os.environ.setdefault(
+    "ADAPTFACE_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"adaptface_jax_compile_cache_{uuid.uuid4().hex}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # a bound turns on JAX's file lock
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist), once all workers ended
+    shutil.rmtree(JAX_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
