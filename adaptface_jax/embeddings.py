@@ -61,6 +61,16 @@ def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains
   return tuple(np.concatenate(parts) for parts in zip(*outputs))
 
 
+def embedder(model, variables, *, batch_size: int, mesh: Mesh | None = None, output: str = "embedding_raw"):
+  """A function: uint8 images [N, H, W, 3] -> (raw embeddings, raw embeddings of the flips) [N, D] under
+  `variables` (a run's whole tree; the margin's class centres are left out)."""
+  embed_fn = make_embed_fn(model, output)
+  variables, _ = face_model.split_margin(variables)
+  if mesh is not None:  # replicated over the devices that share each batch
+    variables = sharding.put(variables, sharding.shardings(mesh)[0])
+  return lambda images: extract(embed_fn, variables, images, batch_size=batch_size, mesh=mesh)[:2]
+
+
 def benchmark_paths(config) -> dict[str, Path]:
   """name -> .bin path for config.eval.benchmarks; when bin_dir is unset, the files of the synthetic world
   config.eval.world (default: the training set's own world)."""

@@ -3,6 +3,7 @@
   python -m adaptface_jax.evaluate --workdir DIR [--step N | --best] [--benchmarks lfw,cfp_fp] [--bin_dir PATH]
   python -m adaptface_jax.evaluate --config configs/lora_dino.py [--backbone HUB_ID_OR_SNAPSHOT] [--out_dir DIR]
   python -m adaptface_jax.evaluate --embeddings pairs.npz [--name lfw] [--json] [--out_dir DIR]
+  python -m adaptface_jax.evaluate --workdir DIR --ijb IJB_FOLDER|synthetic    (or --config FILE --ijb ...)
 
 --workdir evaluates a training run's checkpoint (latest by default) and writes the result files into
 WORKDIR/eval_step{N} (N: the checkpoint's step; results.json records it), never over the run's own results.json.
@@ -14,6 +15,11 @@ optionally `embeddings_flip` [2P, D] (raw embeddings of the horizontally flipped
 protocol is `adaptface_jax.verification`'s (the published tables' one). Prints the Markdown table; `--json` prints
 one JSON object per benchmark instead (one line each; the table then goes to stderr); `--out_dir` also writes
 results.json, results.md and roc.png there.
+
+--ijb runs IJB-B / IJB-C 1:1 template verification (adaptface_jax.ijb) on a release folder (IJBB/ or IJBC/, with
+meta/ and loose_crop/), or on the synthetic world's IJB-style benchmark with `--ijb synthetic`, instead of the
+.bin benchmarks: it prints TAR at FAR = 1e-6 ... 1e-1 and AUC for every norm / detector-score / flip variant and
+writes ijb_results.json, ijb_results.md and ijb_roc.png to the output folder.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ _BACKBONE = flags.DEFINE_string("backbone", None, "With --config: the backbone t
 flags.DEFINE_alias("init", "backbone")  # the flag's former name
 _BENCHMARKS = flags.DEFINE_list("benchmarks", None, "Benchmarks (default: the config's eval.benchmarks).")
 _BIN_DIR = flags.DEFINE_string("bin_dir", None, "Folder of the .bin files (default: the config's eval.bin_dir).")
+_IJB = flags.DEFINE_string("ijb", None, "IJB-B / IJB-C 1:1 template verification on this release folder (IJBB/ or "
+                           "IJBC/, holding meta/ and loose_crop/), or `synthetic` for the synthetic world's "
+                           "IJB-style benchmark, instead of the .bin benchmarks.")
 _MAX_PAIRS = flags.DEFINE_integer("max_pairs", None, "Evaluate a balanced subset of this many pairs.")
 
 # Printed per benchmark with --json (the full result, ROC curve included, goes to results.json via --out_dir).
@@ -117,19 +126,49 @@ def report(results: dict[str, dict], *, as_json: bool, out_dir: str | None, extr
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # One mode per source of embeddings; each returns {benchmark: result}.
+  if _IJB.value and (_EMBEDDINGS.value or not (_WORKDIR.value or _CONFIG.value is not None)):
+    raise app.UsageError("--ijb evaluates a model: give it with --workdir DIR or --config FILE")
+  # One mode per source of embeddings; each returns {benchmark: result} (with --ijb, the IJB result).
   out_dir, extra = _OUT_DIR.value, None
   if _EMBEDDINGS.value:
     results = evaluate_embeddings_file(_EMBEDDINGS.value, _NAME.value)
   elif _WORKDIR.value:
     results, step = evaluate_run(_WORKDIR.value, step=_STEP.value, which="best" if _BEST.value else "last",
-                                 overrides=_eval_overrides())
+                                 overrides=_eval_overrides(), ijb=_IJB.value)
     out_dir, extra = out_dir or str(Path(_WORKDIR.value).expanduser() / f"eval_step{step}"), {"step": step}
   elif _CONFIG.value is not None:
-    results = evaluate_untuned(_CONFIG.value, _BACKBONE.value, _eval_overrides())
+    results = evaluate_untuned(_CONFIG.value, _BACKBONE.value, _eval_overrides(), ijb=_IJB.value)
   else:
     raise app.UsageError("nothing to evaluate: give --workdir DIR, --config FILE or --embeddings FILE.npz")
-  report(results, as_json=_JSON.value, out_dir=out_dir, extra=extra)
+  if _IJB.value:
+    report_ijb(results, as_json=_JSON.value, out_dir=out_dir, extra=extra)
+  else:
+    report(results, as_json=_JSON.value, out_dir=out_dir, extra=extra)
+
+
+def report_ijb(results: dict, *, as_json: bool, out_dir: str | None, extra: dict | None = None) -> None:
+  from adaptface_jax import ijb
+  table = ijb.format_table(results)
+  if as_json:  # the ROC curves stay in ijb_results.json
+    variants = {name: {"tar_at_far": r["tar_at_far"], "auc": r["auc"]} for name, r in results["variants"].items()}
+    print(json.dumps(verification.to_jsonable({**results, "variants": variants})))
+  print(table, file=sys.stderr if as_json else sys.stdout)
+  if out_dir:
+    paths = ijb.write_results(out_dir, results, extra)
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+
+
+def evaluate_ijb(source: str, embed) -> dict:
+  """`ijb.evaluate` of the IJB release folder `source` ("synthetic": the synthetic IJB-style benchmark, built on
+  first use) with `embed`: uint8 faces -> (raw embeddings, of the flips)."""
+  from adaptface_jax import ijb
+  if source == "synthetic":
+    from adaptface_jax.data import synthetic_ijb
+    source = synthetic_ijb.build_ijb()
+  dataset = ijb.read(source)
+  print(f"{dataset.name}: {len(dataset.paths)} images, {len(dataset.pairs)} template pairs, aligned to the "
+        f"{dataset.template_source}", file=sys.stderr)
+  return ijb.evaluate(*ijb.embed(dataset, embed), dataset)
 
 
 def _eval_overrides() -> dict:
@@ -139,26 +178,36 @@ def _eval_overrides() -> dict:
   return {field: value for field, value in given.items() if value is not None}
 
 
-def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last",
-                 overrides: dict | None = None) -> tuple[dict[str, dict], int]:
-  """({benchmark: result}, the checkpoint's step); `overrides`: {dotted config field: value}, e.g. eval.max_pairs."""
+def evaluate_run(workdir: str, *, step: int | None = None, which: str = "last", overrides: dict | None = None,
+                 ijb: str | None = None) -> tuple[dict, int]:
+  """({benchmark: result}, the checkpoint's step); `overrides`: {dotted config field: value}, e.g. eval.max_pairs;
+  with `ijb` (a release folder or "synthetic"), the IJB result instead of the benchmarks'."""
   from adaptface_jax import embeddings, run_state, sharding, trainable_rules
   config, model, variables, meta = run_state.load_run(workdir, step=step, which=which)
   with config.unlocked():
     config.update_from_flattened_dict(overrides or {})
-  trainable, frozen = trainable_rules.split(variables, config.trainable)
   print(f"evaluating {workdir} at step {meta['step']}", file=sys.stderr)
+  if ijb:
+    embed = embeddings.embedder(model, variables, batch_size=config.eval.batch_size, mesh=sharding.data_mesh())
+    return evaluate_ijb(ijb, embed), int(meta["step"])
+  trainable, frozen = trainable_rules.split(variables, config.trainable)
   return embeddings.Evaluator(config, model, frozen, sharding.data_mesh())(trainable), int(meta["step"])
 
 
-def evaluate_untuned(config, backbone: str | None = None, overrides: dict | None = None) -> dict[str, dict]:
-  """{benchmark: result} of the config's backbone alone (or of `backbone`): its pooled feature."""
-  from adaptface_jax import embeddings, run_state, sharding
+def evaluate_untuned(config, backbone: str | None = None, overrides: dict | None = None,
+                     ijb: str | None = None) -> dict:
+  """{benchmark: result} of the config's backbone alone (or of `backbone`): its pooled feature; with `ijb`, the
+  IJB result instead."""
+  from adaptface_jax import embeddings, run_state, sharding, trainable_rules
   with config.unlocked():
     if backbone:
       config.model.backbone, config.model.random_init = backbone, False
     config.update_from_flattened_dict(overrides or {})
   model, state, frozen, _, _ = run_state.setup(config, num_classes=None, steps=1)
+  if ijb:
+    variables = trainable_rules.merge(state.trainable, frozen)
+    return evaluate_ijb(ijb, embeddings.embedder(model, variables, batch_size=config.eval.batch_size,
+                                                 mesh=sharding.data_mesh(), output="feature"))
   return embeddings.Evaluator(config, model, frozen, sharding.data_mesh(), output="feature")(state.trainable)
 
 

@@ -70,7 +70,7 @@ def embed_faces(embed, paths: list[Path]) -> np.ndarray:
   """Unit embeddings [N, D] of the faces (image + flip, as verification)."""
   from adaptface_jax import verification
   images = np.stack([_decode(path) for path in paths])
-  raw, raw_flip, _ = embed(images)
+  raw, raw_flip = embed(images)
   return verification.strict_l2_normalize(raw + raw_flip)
 
 
@@ -130,16 +130,13 @@ def identify(workdir: str, gallery: str, probe: str, *, top_k: int = 5, step: in
              out: str | None = None) -> dict:
   """Writes the probes' top-k CSV (and metrics.json with labelled probes); returns {"csv", "metrics"}."""
   from adaptface_jax import embeddings, run_state
-  from adaptface_jax.models import face_model
   if top_k < 1:
     raise ValueError(f"--top_k must be >= 1, got {top_k}")
   workdir_path = Path(workdir).expanduser()
   gallery_faces = _images(Path(gallery).expanduser(), labelled_only=True)
   probe_faces = _images(Path(probe).expanduser(), labelled_only=False)
   config, model, variables, meta = run_state.load_run(workdir, step=step)
-  variables, _ = face_model.split_margin(variables)
-  embed_fn = embeddings.make_embed_fn(model)
-  embed = lambda images: embeddings.extract(embed_fn, variables, images, batch_size=config.eval.batch_size)
+  embed = embeddings.embedder(model, variables, batch_size=config.eval.batch_size)
 
   gallery_paths, gallery_ids = [p for p, _ in gallery_faces], [name for _, name in gallery_faces]
   key = _gallery_key(workdir_path, int(meta["step"]), gallery_paths, gallery_ids)

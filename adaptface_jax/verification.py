@@ -195,7 +195,7 @@ def best_threshold_accuracy(dist: np.ndarray, issame: np.ndarray) -> tuple[float
   return float(correct[best] / len(dist)), float(thresholds[best])
 
 
-def _far_label(far_target: float) -> str:
+def far_label(far_target: float) -> str:
   return f"{far_target:.0e}".replace("e-0", "e-")  # 1e-3 -> "1e-3"
 
 
@@ -253,7 +253,7 @@ def evaluate_pairs(embeddings, issame, *, embeddings_flip=None, num_folds: int =
   result.update(kfold_accuracy(dist, issame, num_folds))
   val = kfold_val_at_far(dist, issame, num_folds, far_target)
   result.update(val)
-  result[f"val_at_far_{_far_label(far_target)}"] = val["val"]
+  result[f"val_at_far_{far_label(far_target)}"] = val["val"]
   result["auc"] = roc_auc(dist, issame)
   result["best_threshold_accuracy"], result["best_threshold"] = best_threshold_accuracy(dist, issame)
   result["best_threshold_note"] = OPTIMISTIC_LABEL
@@ -284,7 +284,7 @@ def _mean_entry(results: Mapping[str, dict], names: Sequence[str]) -> dict[str, 
   if len(far_targets) == 1 and None not in far_targets:
     target = far_targets.pop()
     entry["far_target"] = target
-    entry[f"val_at_far_{_far_label(target)}"] = entry["val"]
+    entry[f"val_at_far_{far_label(target)}"] = entry["val"]
   return entry
 
 
@@ -308,7 +308,7 @@ def format_table(results: Mapping[str, dict]) -> str:
   if not results:
     raise ValueError("no benchmark results to tabulate")
   far_targets = {r.get("far_target", 1e-3) for r in results.values()}
-  far_text = "/".join(_far_label(t) for t in sorted(far_targets))
+  far_text = "/".join(far_label(t) for t in sorted(far_targets))
   header = ["Benchmark", "Pairs", "Accuracy % (flip, 10-fold, ± std)", "No-flip accuracy %",
             f"VAL@FAR={far_text} %", "AUC", "Best-threshold accuracy % (optimistic: fitted on the test pairs)"]
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]

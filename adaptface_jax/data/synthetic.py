@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,17 +342,29 @@ def _height_slopes(p: dict) -> tuple[np.ndarray, np.ndarray]:
   return (slope_t / ax).astype(np.float32), (slope_v / ay).astype(np.float32)
 
 
+_GEOMETRY_KEYS = (
+    "head_width", "head_height", "head_offset_y", "jaw_taper", "sag_rate", "nose_tip_v", "nose_depth", "eye_v",
+    "eye_sep", "eye_w", "eye_h", "mouth_v", "mouth_w", "smile", "ear_v", "ear_h", "ear_w", "hair_volume",
+    "hair_bottom", "long_hair", "greying", "baldness", "strand_freq", "strand_phase")
+
+
+def _parameters(seed: int, identity_id: int) -> dict:
+  return _sample_identity_parameters(np.random.default_rng([seed, _IDENTITY_STREAM, identity_id]))
+
+
+def make_geometry(seed: int, identity_id: int) -> dict[str, float]:
+  """The scalar geometry of identity `identity_id` of the world `seed` (as `make_identity`, without textures)."""
+  p = _parameters(seed, identity_id)
+  return {key: float(p[key]) for key in _GEOMETRY_KEYS}
+
+
 def make_identity(seed: int, identity_id: int) -> Identity:
   """The identity `identity_id` of the world `seed` (its parameters and textures; deterministic)."""
-  rng = np.random.default_rng([seed, _IDENTITY_STREAM, identity_id])
-  p = _sample_identity_parameters(rng)
+  p = _parameters(seed, identity_id)
   slope_t, slope_v = _height_slopes(p)
   texture = np.concatenate([_albedo(p, 0.0), _albedo(p, 1.0), slope_t[..., None], slope_v[..., None]], axis=-1)
-  geometry = {key: float(p[key]) for key in (
-      "head_width", "head_height", "head_offset_y", "jaw_taper", "sag_rate", "nose_tip_v", "nose_depth", "eye_v",
-      "eye_sep", "eye_w", "eye_h", "ear_v", "ear_h", "ear_w", "hair_volume", "hair_bottom", "long_hair", "greying",
-      "baldness", "strand_freq", "strand_phase")}
-  return Identity(identity_id=identity_id, geometry=geometry, skin_rgb=p["skin_rgb"], hair_rgb=p["hair_rgb"],
+  return Identity(identity_id=identity_id, geometry={key: float(p[key]) for key in _GEOMETRY_KEYS},
+                  skin_rgb=p["skin_rgb"], hair_rgb=p["hair_rgb"],
                   texture=np.ascontiguousarray(texture.reshape(-1, _TEXTURE_CHANNELS), dtype=np.float32))
 
 
@@ -566,6 +578,39 @@ class FaceRenderer:
     return (image * 255 + 0.5).astype(np.uint8)
 
 
+def landmarks(geometry: dict[str, float], nuisance: dict[str, float], image_size: int) -> np.ndarray:
+  """float32 [5, 2]: (x, y) pixel positions (pixel centres at integers) of the eye centres, the nose tip and the
+  mouth corners in the image that `FaceRenderer(image_size).render(identity, nuisance, ...)` draws for the
+  identity of this `geometry` (`Identity.geometry`, or `make_geometry`), in the order
+  of the five-point face template (image-left eye first). Worked out from the geometry the renderer draws: an eye or
+  a mouth corner turned out of view lies on the silhouette, where a landmark detector would guess it."""
+  g, n = geometry, nuisance
+  yaw = np.radians(n["yaw"])
+  sag = g["sag_rate"] * n["age"]
+
+  def half_width(v):  # of the head at image latitude v (as in `render`)
+    below = min(max(v, 0.0), 1.0)
+    return g["head_width"] * np.sqrt(1 - v * v) * (1 - g["jaw_taper"] * (1 - 0.35 * sag) * below * below)
+
+  mouth_v = g["mouth_v"] - g["smile"]
+  mouth_v = mouth_v / (1 - 0.07 * sag) if mouth_v > 0 else mouth_v  # the lower face slides down with age
+  nose_v = g["nose_tip_v"]
+  head = [(np.sin(np.clip(theta + yaw, -np.pi / 2, np.pi / 2)) * half_width(v), v) for theta, v in (
+      (-g["eye_sep"], g["eye_v"]), (g["eye_sep"], g["eye_v"]))]
+  # the tip of the nose layer, which is drawn only as far as the head's widest extent
+  nose_x = np.clip((half_width(nose_v) + g["nose_depth"]) * np.sin(yaw), -g["head_width"], g["head_width"])
+  head.append((nose_x, nose_v))
+  head += [(np.sin(np.clip(theta + yaw, -np.pi / 2, np.pi / 2)) * half_width(mouth_v), mouth_v) for theta in (
+      -g["mouth_w"], g["mouth_w"])]
+  xh, v = np.asarray(head).T
+  yh = g["head_offset_y"] + v * g["head_height"]
+  # head -> image coordinates: the inverse of `render`'s roll, scale and shift
+  roll, scale = np.radians(n["roll"]), n["scale"]
+  x = scale * (np.cos(roll) * xh - np.sin(roll) * yh) + n["shift_x"]
+  y = scale * (np.sin(roll) * xh + np.cos(roll) * yh) + n["shift_y"]
+  return ((np.stack([x, y], axis=1) + 1) * (image_size / 2) - 0.5).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Verification of raw pixels (how hard the world is for a method that learns nothing)
 
@@ -640,7 +685,7 @@ _POOL_MIN_IMAGES = 4000  # below this, starting the worker processes costs more 
 
 
 @functools.lru_cache
-def _renderer(image_size: int) -> "FaceRenderer":
+def cached_renderer(image_size: int) -> "FaceRenderer":
   return FaceRenderer(image_size)
 
 
@@ -649,7 +694,7 @@ def _render_chunk(seed: int, image_size: int, jobs: list[tuple[int, list[int], s
   depends on its job alone, so any process may render any chunk."""
   from adaptface_jax.data import recordio
 
-  renderer = _renderer(image_size)
+  renderer = cached_renderer(image_size)
   out, identity = [], None
   for identity_id, stream, kind in jobs:
     if identity is None or identity.identity_id != identity_id:  # jobs come grouped by identity
@@ -660,22 +705,22 @@ def _render_chunk(seed: int, image_size: int, jobs: list[tuple[int, list[int], s
   return out
 
 
-def _render(seed: int, image_size: int, jobs: list, desc: str, processes: int) -> Iterator[tuple[bytes, dict]]:
-  """Renders the jobs (see _render_chunk) over `processes` worker processes, yielding the results in job order."""
+def render_jobs(render_chunk: Callable[[list], list], jobs: list, desc: str, processes: int) -> Iterator:
+  """Renders the jobs over `processes` worker processes, yielding the results in job order. `render_chunk` (a
+  module-level function or a partial of one, so that it pickles) turns a list of jobs into their results."""
   from tqdm import tqdm
 
   chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
-  arguments = [seed] * len(chunks), [image_size] * len(chunks), chunks
   with contextlib.ExitStack() as stack:
     bar = stack.enter_context(tqdm(total=len(jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0,
                                    leave=False))
     if processes <= 1 or len(jobs) < _POOL_MIN_IMAGES:
-      results = map(_render_chunk, *arguments)
+      results = map(render_chunk, chunks)
     else:
       # spawn, not fork: the parent may already run JAX or TensorFlow threads. Each worker imports the parent's
       # main module (seconds), hence _POOL_MIN_IMAGES.
       pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-      results = stack.enter_context(pool).map(_render_chunk, *arguments)
+      results = stack.enter_context(pool).map(render_chunk, chunks)
     for result in results:
       bar.update(len(result))
       yield from result
@@ -692,8 +737,10 @@ def _generate(root: Path, seed: int, num_train_identities: int, images_per_ident
                 for label in range(num_train_identities) for index in range(images_per_identity)]
   nuisances = []
 
+  render_chunk = functools.partial(_render_chunk, seed, image_size)
+
   def train_samples():
-    for (image, nuisance), label in zip(_render(seed, image_size, train_jobs, "synthetic train", processes), labels):
+    for (image, nuisance), label in zip(render_jobs(render_chunk, train_jobs, "synthetic train", processes), labels):
       nuisances.append(nuisance)
       yield image, int(label)
 
@@ -715,7 +762,7 @@ def _generate(root: Path, seed: int, num_train_identities: int, images_per_ident
           for identity, benchmark, slot in slots]
   encoded = [[b""] * (2 * num_pairs) for _ in BENCHMARKS]
   meta = [{key: np.zeros(2 * num_pairs, np.float32) for key in ("yaw", "age")} for _ in BENCHMARKS]
-  rendered = _render(seed, image_size, jobs, "synthetic benchmarks", processes)
+  rendered = render_jobs(render_chunk, jobs, "synthetic benchmarks", processes)
   for (_, benchmark, slot), (image, nuisance) in zip(slots, rendered):
     meta[benchmark]["yaw"][slot], meta[benchmark]["age"][slot] = nuisance["yaw"], nuisance["age"]
     encoded[benchmark][slot] = image
@@ -732,14 +779,43 @@ def _generate(root: Path, seed: int, num_train_identities: int, images_per_ident
           "images_per_second": round(num_images / seconds, 1), "processes": processes}
 
 
+def build_once(root: Path, generate: Callable[[Path], dict], what: str) -> None:
+  """Makes `root` with `generate(scratch)` unless its completion marker exists. Generation happens in a scratch
+  folder renamed into place at the end, so an interrupted run leaves no half-written folder behind and concurrent
+  processes (one per host) do not see each other's partial files. `generate` returns the marker's content (with
+  'images', 'seconds', 'images_per_second' and 'processes')."""
+  if (root / COMPLETE_MARKER).exists():
+    return
+  root.parent.mkdir(parents=True, exist_ok=True)
+  scratch = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  scratch.mkdir()
+  try:
+    log.info("generating the %s %s into %s", what, root.name, root)
+    stats = generate(scratch)
+    (scratch / COMPLETE_MARKER).write_text(json.dumps(dict(stats, renderer_version=RENDERER_VERSION), indent=2)
+                                           + "\n")
+    if root.exists() and not (root / COMPLETE_MARKER).exists():
+      shutil.rmtree(root)  # left by an interrupted run of an older layout: redo it
+    try:
+      os.rename(scratch, root)
+    except OSError:
+      if not (root / COMPLETE_MARKER).exists():
+        raise
+      log.info("%s was completed by another process meanwhile; using it", root)
+  finally:
+    if scratch.exists():
+      shutil.rmtree(scratch, ignore_errors=True)
+  log.info("%s %s: %d images in %.1f s (%.0f images/s, %d processes)", what, root.name, stats["images"],
+           stats["seconds"], stats["images_per_second"], stats["processes"])
+
+
 def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, num_train_identities: int = 300,
                 images_per_identity: int = 20, num_pairs: int = 6000, image_size: int = 112,
                 train_kind: str = "train", identity_offset: int = 0) -> dict:
   """Generates the world once into `cache_dir/synthetic/<name>/` and returns where its files are.
 
   The name holds every parameter and the renderer version; a world is reused only when its completion marker
-  exists. Generation happens in a scratch folder renamed into place at the end, so an interrupted run leaves
-  no half world behind and concurrent processes (one per host) do not see each other's partial files.
+  exists (see `build_once`).
 
   Writes `train/` (InsightFace train.rec / train.idx / property, JPEG q95, and meta.npz with per-image label,
   identity, domain, yaw, age and illumination in key order), and for each benchmark `<name>.bin` (num_pairs
@@ -756,31 +832,13 @@ def build_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0, nu
                     num_pairs=num_pairs, image_size=image_size, train_kind=train_kind,
                     identity_offset=identity_offset)
   root = cache_root / "synthetic" / name
-  if (root / COMPLETE_MARKER).exists():
-    return _describe(root)
-  root.parent.mkdir(parents=True, exist_ok=True)
-  scratch = root.parent / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  scratch.mkdir()
-  try:
-    log.info("generating the synthetic face world %s into %s", name, root)
+
+  def generate(scratch: Path) -> dict:
     from adaptface_jax import runtime
     stats = _generate(scratch, seed, num_train_identities, images_per_identity, num_pairs, image_size, train_kind,
                       identity_offset, processes=runtime.usable_cpus())
-    marker = dict(stats, seed=seed, num_train_identities=num_train_identities,
-                  images_per_identity=images_per_identity, image_size=image_size, train_kind=train_kind,
-                  identity_offset=identity_offset, renderer_version=RENDERER_VERSION)
-    (scratch / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    if root.exists() and not (root / COMPLETE_MARKER).exists():
-      shutil.rmtree(root)  # left by an interrupted run of an older layout: redo it
-    try:
-      os.rename(scratch, root)
-    except OSError:
-      if not (root / COMPLETE_MARKER).exists():
-        raise
-      log.info("%s was completed by another process meanwhile; using it", root)
-  finally:
-    if scratch.exists():
-      shutil.rmtree(scratch, ignore_errors=True)
-  log.info("synthetic world %s: %d images in %.1f s (%.0f images/s, %d processes)", name, stats["images"],
-           stats["seconds"], stats["images_per_second"], stats["processes"])
+    return dict(stats, seed=seed, num_train_identities=num_train_identities, images_per_identity=images_per_identity,
+                image_size=image_size, train_kind=train_kind, identity_offset=identity_offset)
+
+  build_once(root, generate, "synthetic face world")
   return _describe(root)

@@ -1,0 +1,302 @@
+"""IJB-B / IJB-C 1:1 template verification, as in the InsightFace release: TAR at FAR over template pairs.
+
+A release folder (IJBB/ or IJBC/) holds
+  loose_crop/NAME                      the images, loosely cropped around the face
+  meta/P_face_tid_mid.txt              `NAME TEMPLATE_ID MEDIA_ID`, a line per image
+  meta/P_name_5pts_score.txt           `NAME x1 y1 ... x5 y5 DETECTOR_SCORE`, a line per image
+  meta/P_template_pair_label.txt       `TEMPLATE_A TEMPLATE_B LABEL`, a line per pair (1 genuine, 0 impostor)
+with P = ijbb or ijbc. An optional meta/alignment_template.txt (five lines `x y` in a 112x112 face) replaces the
+ArcFace five-point template: the synthetic IJB-style benchmark ships its renderer's own, since its faces are
+framed by the renderer rather than by the ArcFace template.
+
+Protocol (arcface_torch's IJB script): each face is aligned to the template by the least-squares similarity of its
+five landmarks (scikit-image) and embedded with its horizontal flip. A variant's image feature is
+  F0: the image's raw embedding; F1: [image, flip] concatenated; F2: image + flip;
+  N0: then L2-normalised (N1 keeps the norm, which weighs the image within its template);
+  D1: then multiplied by the detector score (D0: not).
+The images of one media (the frames of a video) are averaged, the media of a template summed and the sum
+L2-normalised; a pair scores the cosine of its two templates. TAR at FAR f is the fraction of genuine pairs scoring
+above the threshold that at most f of the impostor pairs exceed; it is null when there are fewer than 1/f impostor
+pairs (not measurable). arcface_torch reads TAR at the ROC point whose FAR is nearest f, which can differ from this
+by one step of the ROC.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+from tqdm import tqdm
+
+from adaptface_jax import runtime, verification
+from adaptface_jax.data.common import IMAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+# The ArcFace five-point template of a 112x112 face: eye centres (image left first), nose tip, mouth corners.
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                             [70.7299, 92.2041]], np.float32)
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+VARIANTS = tuple(f"N{n}D{d}F{f}" for n in (1, 0) for d in (1, 0) for f in (2, 1, 0))
+MAIN_VARIANT = "N1D1F2"  # arcface_torch's default: norms kept, detector scores, image + flip
+TEMPLATE_FILE = "alignment_template.txt"
+NOTES = ("Variants: N1 keeps each image feature's norm (N0 normalises it), D1 weighs it by the detector score, F2 adds "
+         "the flip's embedding (F1 concatenates it, F0 leaves it out). Media means are summed per template and "
+         "L2-normalised; a pair scores the cosine of its templates. TAR at FAR f: genuine pairs above the threshold "
+         "that at most f of the impostor pairs exceed.")
+_PAIR_CHUNK_VALUES = 1 << 24  # feature values gathered per side and chunk of pairs (128 MiB in float64)
+_ROC_POINTS = 200
+
+
+@dataclasses.dataclass
+class IJBSet:
+  """One IJB release folder read: per image (in the 5-point file's order) its path, landmarks [N, 5, 2], detector
+  score, template and media; per pair its two template ids [P, 2] and label [P]; the alignment template [5, 2]."""
+  name: str
+  paths: list[Path]
+  landmarks: np.ndarray
+  scores: np.ndarray
+  templates: np.ndarray
+  medias: np.ndarray
+  pairs: np.ndarray
+  labels: np.ndarray
+  template: np.ndarray
+  template_source: str
+
+
+def _meta_file(meta: Path, prefix: str, suffix: str) -> Path:
+  path = meta / f"{prefix}_{suffix}"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing: an IJB release folder has meta/{prefix}_face_tid_mid.txt, "
+                            f"meta/{prefix}_name_5pts_score.txt and meta/{prefix}_template_pair_label.txt")
+  return path
+
+
+def read(root: str | Path) -> IJBSet:
+  """Reads and checks an IJB-B / IJB-C release folder (see the module docstring); errors name the file at fault."""
+  root = Path(root).expanduser()
+  meta = root / "meta"
+  found = sorted(meta.glob("*_face_tid_mid.txt")) if meta.is_dir() else []
+  if len(found) != 1:
+    raise FileNotFoundError(
+        f"{root}: expected one meta/ijbb_face_tid_mid.txt or meta/ijbc_face_tid_mid.txt, found "
+        f"{[p.name for p in found] or 'none'} (give the IJBB or IJBC folder of the release, which holds meta/ and "
+        "loose_crop/)")
+  prefix = found[0].name[:-len("_face_tid_mid.txt")]
+  names, landmarks, scores = [], [], []
+  points_file = _meta_file(meta, prefix, "name_5pts_score.txt")
+  for number, line in enumerate(points_file.read_text().splitlines(), 1):
+    fields = line.split()
+    if not fields:
+      continue
+    if len(fields) != 12:
+      raise ValueError(f"{points_file}:{number}: expected `NAME x1 y1 ... x5 y5 SCORE` (12 fields), got {len(fields)}")
+    names.append(fields[0])
+    values = np.asarray(fields[1:], np.float32)
+    landmarks.append(values[:10].reshape(5, 2))
+    scores.append(values[10])
+  tid_mid = {}
+  for number, line in enumerate(found[0].read_text().splitlines(), 1):
+    fields = line.split()
+    if fields and len(fields) != 3:
+      raise ValueError(f"{found[0]}:{number}: expected `NAME TEMPLATE_ID MEDIA_ID`, got {line!r}")
+    if fields:
+      tid_mid[fields[0]] = (int(fields[1]), int(fields[2]))
+  missing = [name for name in names if name not in tid_mid]
+  if missing or len(tid_mid) != len(names):
+    raise ValueError(f"{found[0]} and {points_file} must list the same images: {len(missing)} of the landmark "
+                     f"file's {len(names)} have no template (e.g. {missing[:3]}), the template file lists "
+                     f"{len(tid_mid)}")
+  templates, medias = np.asarray([tid_mid[name] for name in names], np.int64).T
+  pair_file = _meta_file(meta, prefix, "template_pair_label.txt")
+  pairs = np.fromfile(pair_file, dtype=np.int64, sep=" ")
+  if pairs.size == 0 or pairs.size % 3:
+    raise ValueError(f"{pair_file}: expected lines `TEMPLATE_A TEMPLATE_B LABEL`, read {pairs.size} numbers")
+  pairs = pairs.reshape(-1, 3)
+  unknown = np.setdiff1d(pairs[:, :2], templates)
+  if unknown.size:
+    raise ValueError(f"{pair_file}: template(s) {unknown[:5].tolist()} have no image in {found[0].name}")
+  if not np.isin(pairs[:, 2], (0, 1)).all() or pairs[:, 2].min() == pairs[:, 2].max():
+    raise ValueError(f"{pair_file}: labels must be 0 (impostor) or 1 (genuine), with both present")
+  template, source = ARCFACE_TEMPLATE, "ArcFace five-point template"
+  if (meta / TEMPLATE_FILE).is_file():
+    template = np.loadtxt(meta / TEMPLATE_FILE, dtype=np.float32).reshape(5, 2)
+    source = str(meta / TEMPLATE_FILE)
+  return IJBSet(name=root.name, paths=[root / "loose_crop" / name for name in names],
+                landmarks=np.stack(landmarks), scores=np.asarray(scores, np.float32), templates=templates,
+                medias=medias, pairs=pairs[:, :2], labels=pairs[:, 2].astype(bool), template=template,
+                template_source=source)
+
+
+def similarity(points: np.ndarray, template: np.ndarray):
+  """The least-squares similarity (scikit-image) mapping the five landmarks onto the template."""
+  from skimage.transform import SimilarityTransform
+
+  transform = SimilarityTransform.from_estimate(np.asarray(points, np.float64), np.asarray(template, np.float64))
+  if not transform:
+    raise ValueError(f"no similarity maps landmarks {np.asarray(points).tolist()} onto the template "
+                     "(degenerate landmarks?)")
+  return transform
+
+
+def align(image: np.ndarray, points: np.ndarray, template: np.ndarray = ARCFACE_TEMPLATE,
+          size: int = IMAGE_SIZE) -> np.ndarray:
+  """uint8 [size, size, 3]: `image` warped (bilinear, black outside) so that its landmarks land on the template."""
+  from skimage.transform import warp
+
+  transform = similarity(points, template)
+  warped = warp(image, transform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0,
+                preserve_range=True)
+  return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
+
+
+def _load_aligned(dataset: IJBSet, index: int) -> np.ndarray:
+  from adaptface_jax.data import recordio
+
+  path = dataset.paths[index]
+  try:
+    image = recordio.decode_image(path.read_bytes())
+  except (OSError, ValueError) as error:
+    raise ValueError(f"{path}: cannot read the image: {error}") from error
+  return align(image, dataset.landmarks[index], dataset.template)
+
+
+def embed(dataset: IJBSet, embed_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+          batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+  """(raw embeddings, of the flips) [N, D] of every aligned image. Images are read and aligned by a thread pool
+  and embedded `batch_size` at a time, so that only features are kept, never all the images."""
+  outputs = []
+  with concurrent.futures.ThreadPoolExecutor(runtime.usable_cpus()) as pool:
+    for start in tqdm(range(0, len(dataset.paths), batch_size), desc=f"{dataset.name} images", unit="batch"):
+      indices = range(start, min(start + batch_size, len(dataset.paths)))
+      outputs.append(embed_batch(np.stack(list(pool.map(lambda i: _load_aligned(dataset, i), indices)))))
+  return tuple(np.concatenate(parts).astype(np.float32) for parts in zip(*outputs))
+
+
+def image_features(emb: np.ndarray, emb_flip: np.ndarray, scores: np.ndarray, variant: str) -> np.ndarray:
+  """The per-image feature of a variant `N{0,1}D{0,1}F{0,1,2}` (see the module docstring)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
+  norm, detector, flip = (variant[i] for i in (1, 3, 5))
+  features = {"0": emb, "1": np.concatenate([emb, emb_flip], axis=1), "2": emb + emb_flip}[flip].astype(np.float64)
+  if norm == "0":
+    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+  if detector == "1":
+    features = features * scores[:, None]
+  return features
+
+
+def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray):
+  """(template ids [T], L2-normalised template features [T, D]): the mean of each media's images, summed over the
+  media of the template."""
+  template_ids, template_index = np.unique(templates, return_inverse=True)
+  media_keys, media_index = np.unique(np.stack([template_index, medias]), axis=1, return_inverse=True)
+  n, num_media = len(features), media_keys.shape[1]
+  counts = np.bincount(media_index, minlength=num_media)
+  to_media = sparse.csr_matrix((1.0 / counts[media_index], (media_index, np.arange(n))), shape=(num_media, n))
+  to_template = sparse.csr_matrix((np.ones(num_media), (media_keys[0], np.arange(num_media))),
+                                  shape=(len(template_ids), num_media))
+  pooled = to_template @ (to_media @ features)
+  return template_ids, pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def pair_scores(template_ids: np.ndarray, features: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+  """Cosine of the two (unit) template features of every pair, computed in chunks of pairs."""
+  index = np.searchsorted(template_ids, pairs)
+  out = np.empty(len(pairs), np.float64)
+  chunk = max(1, _PAIR_CHUNK_VALUES // features.shape[1])
+  for start in range(0, len(pairs), chunk):
+    a, b = index[start:start + chunk, 0], index[start:start + chunk, 1]
+    out[start:start + chunk] = np.einsum("pd,pd->p", features[a], features[b])
+  return out
+
+
+def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars) -> list[float | None]:
+  """TAR at each FAR: genuine pairs scoring above the (floor(f * impostors) + 1)-th highest impostor score, so at
+  most a fraction f of the impostors pass; None where f * impostors < 1."""
+  impostor = np.sort(scores[~labels])[::-1]
+  genuine = np.sort(scores[labels])
+  out = []
+  for far in fars:
+    allowed = int(np.floor(far * len(impostor) + 1e-9))
+    if allowed < 1:
+      out.append(None)
+      continue
+    threshold = impostor[allowed] if allowed < len(impostor) else -np.inf
+    out.append(float(len(genuine) - np.searchsorted(genuine, threshold, side="right")) / len(genuine))
+  return out
+
+
+def evaluate(emb: np.ndarray, emb_flip: np.ndarray, dataset: IJBSet, variants=VARIANTS) -> dict:
+  """{'benchmark', 'alignment', 'num_images', 'num_templates', 'num_genuine', 'num_impostor', 'variants': {variant:
+  {'tar_at_far': {far label: TAR or None}, 'auc', 'roc': {'far', 'tar'}}}} from the raw embeddings of every image
+  (and of its flip), in the dataset's image order."""
+  num_impostor = int((~dataset.labels).sum())
+  roc_fars = np.logspace(np.log10(1 / num_impostor), 0, _ROC_POINTS)
+  results = {}
+  for variant in variants:
+    template_ids, features = template_features(image_features(emb, emb_flip, dataset.scores, variant),
+                                               dataset.templates, dataset.medias)
+    scores = pair_scores(template_ids, features, dataset.pairs)
+    results[variant] = {
+        "tar_at_far": dict(zip(map(verification.far_label, FARS), tar_at_far(scores, dataset.labels, FARS))),
+        "auc": verification.roc_auc(-scores, dataset.labels),
+        "roc": {"far": roc_fars.tolist(), "tar": tar_at_far(scores, dataset.labels, roc_fars)}}
+  return {"benchmark": dataset.name, "alignment": dataset.template_source, "num_images": len(emb),
+          "num_templates": int(len(np.unique(dataset.templates))), "num_genuine": int(dataset.labels.sum()),
+          "num_impostor": num_impostor, "variants": results}
+
+
+def pixel_embeddings(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Raw pixels as embeddings (and of the flips): the baseline that learns nothing."""
+  images = np.asarray(images, np.float32)
+  return images.reshape(len(images), -1), images[:, :, ::-1].reshape(len(images), -1)
+
+
+def format_table(results: dict) -> str:
+  """Markdown table of `evaluate`'s results: a row per variant, TAR (%) at each FAR, and AUC."""
+  rows = [f"{results['benchmark']}: {results['num_templates']} templates, {results['num_genuine']} genuine and "
+          f"{results['num_impostor']} impostor pairs (- : fewer than 1/FAR impostor pairs)", "",
+          "| variant | " + " | ".join(f"TAR@FAR={verification.far_label(f)}" for f in FARS) + " | AUC |",
+          "|---" + "|---:" * (len(FARS) + 1) + "|"]
+  for variant, r in results["variants"].items():
+    cells = ["-" if v is None else f"{100 * v:.2f}" for v in r["tar_at_far"].values()]
+    rows.append(f"| {variant} | " + " | ".join(cells) + f" | {r['auc']:.4f} |")
+  return "\n".join(rows)
+
+
+def write_results(out_dir: str | Path, results: dict, extra: dict | None = None) -> dict[str, Path]:
+  """Writes ijb_results.json, ijb_results.md and ijb_roc.png (the main variant and two ablations) into out_dir."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = {"json": out_dir / "ijb_results.json", "markdown": out_dir / "ijb_results.md", "roc": out_dir / "ijb_roc.png"}
+  paths["json"].write_text(json.dumps(verification.to_jsonable({**results, **(extra or {})}), indent=1) + "\n")
+  paths["markdown"].write_text(format_table(results) + "\n\n" + NOTES + "\n")
+  fig = Figure(figsize=(6, 5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  variants = results["variants"]
+  for variant in [v for v in (MAIN_VARIANT, "N0D0F2", "N0D0F0") if v in variants]:
+    roc = variants[variant]["roc"]
+    tar = np.asarray([np.nan if t is None else t for t in roc["tar"]])
+    ax.plot(roc["far"], tar, label=f"{variant} (AUC {variants[variant]['auc']:.4f})")
+  ax.set_xscale("log")
+  ax.set_xlim(min(1e-6, variants[next(iter(variants))]["roc"]["far"][0]), 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_xlabel("false accept rate")
+  ax.set_ylabel("true accept rate")
+  ax.set_title(f"{results['benchmark']} 1:1 template verification")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(loc="lower right", fontsize="small")
+  fig.tight_layout()
+  fig.savefig(paths["roc"], dpi=120)
+  return paths
