@@ -19,10 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptface_jax import runtime  # noqa: E402
 
-ROWS = [("pixels", None), ("untuned DINOv2-family snapshot", "configs/dalora_dino.py:demo"),
-        ("LoRA, DINOv2 family", "lora_dino"), ("DA-LoRA, DINOv2 family (the demo run)", "dalora_dino"),
-        ("untuned CLIP-family snapshot", "configs/dalora_clip.py:demo"), ("LoRA, CLIP family", "lora_clip"),
-        ("DA-LoRA, CLIP family", "dalora_clip")]
+# (output folder, row, source: None for pixels, a config for an un-tuned snapshot, else a run under --runs)
+ROWS = [("pixels", "pixels", None),
+        ("untuned_dino", "untuned DINOv2-family snapshot", "configs/dalora_dino.py:demo"),
+        ("lora_dino", "LoRA, DINOv2 family", "lora_dino"),
+        ("dalora_dino", "DA-LoRA, DINOv2 family (the demo run)", "dalora_dino"),
+        ("untuned_clip", "untuned CLIP-family snapshot", "configs/dalora_clip.py:demo"),
+        ("lora_clip", "LoRA, CLIP family", "lora_clip"), ("dalora_clip", "DA-LoRA, CLIP family", "dalora_clip")]
 SHOWN = ("N1D1F2", "N0D0F0")
 FARS = ("1e-4", "1e-3", "1e-2")
 
@@ -44,8 +47,8 @@ def main() -> None:
            f"{int((~dataset.labels).sum())} impostor template pairs. TAR (%) at FAR; `-`: not measurable.", "",
            "| row | variant | " + " | ".join(f"TAR@FAR={far}" for far in FARS) + " | AUC |",
            "|---|---|" + "---:|" * (len(FARS) + 1)]
-  for label, source in ROWS:
-    folder = out / label.split(" (")[0].replace(", ", "_").replace(" ", "_").replace("-", "").lower()
+  for name, label, source in ROWS:
+    folder = out / name
     if source is None:
       results = ijb.evaluate(*ijb.embed(dataset, ijb.pixel_embeddings), dataset, variants=SHOWN)
     elif source.startswith("configs/"):
