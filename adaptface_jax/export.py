@@ -1,27 +1,45 @@
-"""`python -m adaptface_jax.export --workdir DIR --out OUT [--step N]`: a trained run as HuggingFace files.
+"""`python -m adaptface_jax.export --workdir DIR [--format hf|onnx] [--out OUT] [--step N]`: a trained run as
+HuggingFace files or as one ONNX file.
 
-Plain LoRA (K = 1) is merged into the pretrained weights, W' = W + scale * A B, and written as a snapshot
-(config.json + model.safetensors) that transformers loads as Dinov2Model / CLIPVisionModel. DA-LoRA mixes its K
-deltas per image, which no single weight matrix can express: its full tree is written as safetensors instead, with a
-note saying so.
+hf (default): plain LoRA (K = 1) is merged into the pretrained weights, W' = W + scale * A B, and written as a
+snapshot (config.json + model.safetensors) that transformers loads as Dinov2Model / CLIPVisionModel. DA-LoRA mixes its
+K deltas per image, which no single weight matrix can express: its full tree is written as safetensors instead, with
+a note saying so.
+
+onnx: uint8 RGB faces [N, 112, 112, 3] (N dynamic) -> unit embeddings [N, D], embedded as verification embeds a face
+(the raw embeddings of the image and of its horizontal flip, summed, L2-normalised), in float32. Plain LoRA is merged
+as above; DA-LoRA keeps its router and per-image mixing in the graph. The graph is traced straight from JAX by
+jax2onnx, pinned at 0.13.0: later releases cap orbax-checkpoint below the 0.12.8 this project pins. Two of its gaps
+are worked around in the traced function: it has no antialiased bicubic resize, so the resize to model.image_size is
+two constant matrix products holding jax.image.resize's own weights (the model then takes floats in 0..1 at its
+size), and a concatenation along the dynamic batch axis loses its size, so image and flip go through the model as two
+passes (sharing the weights).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from safetensors.numpy import save_file
 
-from adaptface_jax import cli, run_state, trainable_rules
-from adaptface_jax.models import hf_weights
+from adaptface_jax import cli, losses, run_state, trainable_rules
+from adaptface_jax.data.common import IMAGE_SIZE
+from adaptface_jax.models import face_model, hf_weights
 from adaptface_jax.models.lora import QKV_SLICES
 
+log = logging.getLogger(__name__)
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "onnx"], "hf: a HuggingFace snapshot (DA-LoRA: its variable "
+                            "tree); onnx: one .onnx file, uint8 faces [N, 112, 112, 3] -> unit embeddings [N, D].")
+_OUT = flags.DEFINE_string("out", None, "hf: the output directory (required); onnx: the .onnx file (default: "
+                           "WORKDIR/export/model.onnx).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 
@@ -92,11 +110,62 @@ def export_run(workdir: str, out: str, step: int | None = None) -> Path:
   return out
 
 
+def _resize_matrix(size: int, image_size: int) -> np.ndarray:
+  """[image_size, size]: jax.image.resize's bicubic (antialiased when shrinking) weights along one axis."""
+  return np.asarray(jax.image.resize(np.eye(size, dtype=np.float32), (image_size, size), "bicubic"))
+
+
+def onnx_embed_fn(model: face_model.FaceModel, variables: dict):
+  """uint8 faces [N, 112, 112, 3] -> unit embeddings [N, D] of image + flip, in ops jax2onnx converts."""
+  rows = _resize_matrix(IMAGE_SIZE, model.image_size)
+
+  def embed(faces):
+    x = faces.astype(jnp.float32) / 255.0
+    if model.image_size != IMAGE_SIZE:  # the resize preprocess does, one axis at a time
+      x = jnp.einsum("sh,nhwc->nswc", rows, x, precision="highest")
+      x = jnp.einsum("tw,nswc->nstc", rows, x, precision="highest")
+    raw = model.apply(variables, x)["embedding_raw"] + model.apply(variables, x[:, :, ::-1])["embedding_raw"]
+    return losses.safe_l2_normalize(raw)
+
+  return embed
+
+
+def export_onnx(workdir: str, out: str | None = None, step: int | None = None) -> Path:
+  import jax2onnx  # only this format needs the exporter
+
+  _, model, variables, meta = run_state.load_run(workdir, step=step)
+  variables, _ = face_model.split_margin(variables)
+  model = model.clone(dtype=jnp.float32, remat="")
+  if model.spec is not None and model.num_domains == 1:
+    merged = merge_lora(variables["params"]["backbone"], variables["lora"]["backbone"], model.spec.scale)
+    variables = {"params": {**variables["params"], "backbone": merged}}
+    model = model.clone(spec=None)
+  elif model.router_mode == "oracle":  # faces come without domain labels: uniform weights, as for unlabelled faces
+    model = model.clone(router_mode="uniform")
+  out = Path(out).expanduser() if out else Path(workdir).expanduser() / "export" / "model.onnx"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # jax2onnx's dm_pix plugins do not import with this jax (unused here) and onnx_ir leaves some intermediate values
+  # untyped: warnings that do not concern the graph.
+  for name in ("jax2onnx.plugins.plugin_system", "onnx_ir.serde"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+  faces = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3"), jnp.uint8)
+  proto = jax2onnx.to_onnx(onnx_embed_fn(model, variables), [faces], model_name="adaptface",
+                           input_names=["faces"], output_names=["embedding"])
+  out.write_bytes(proto.SerializeToString())  # one file: the weights are initializers in it
+  log.info("step %d exported to %s (%.1f MB)", meta["step"], out, out.stat().st_size / 1e6)
+  return out
+
+
 def main(argv):
   del argv
-  print(export_run(_WORKDIR.value, _OUT.value, _STEP.value))
+  if _FORMAT.value == "onnx":
+    print(export_onnx(_WORKDIR.value, _OUT.value, _STEP.value))
+  elif _OUT.value is None:
+    raise ValueError("--out (the output directory) is required with --format=hf")
+  else:
+    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
+  flags.mark_flags_as_required(["workdir"])
   cli.run(main)

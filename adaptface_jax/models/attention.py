@@ -27,7 +27,8 @@ _MIN_GROUPED_TOKENS = 128
 def attention(q, k, v):
   """softmax(q k^T) v; the softmax statistics in float32, the matmuls and the output in q's dtype."""
   batch, heads, tokens, _ = q.shape
-  if jax.default_backend() != "cpu" or tokens < _MIN_GROUPED_TOKENS:
+  # A symbolic batch (a shape-polymorphic trace, e.g. the ONNX export) cannot be split into groups.
+  if jax.default_backend() != "cpu" or tokens < _MIN_GROUPED_TOKENS or not isinstance(batch, int):
     return _attention(q, k, v)
   # Groups never straddle two devices' rows of a batch sharded over all of them: [shards, images per shard, ...].
   devices = jax.device_count()
