@@ -138,6 +138,24 @@ def test_architecture_comes_from_config_json():
           config.layerscale_init, config.layer_norm_eps, config.mlp_dim) == (48, 3, 3, 7, 10, 0.1, 1e-5, 192)
 
 
+@pytest.mark.parametrize("model_type", sorted(vit.HF_DEFAULTS))
+def test_config_defaults_are_transformers_own(model_type):
+  from transformers import CONFIG_MAPPING
+  defaults = CONFIG_MAPPING[model_type]().to_dict()
+  assert {key: defaults[key] for key in vit.HF_DEFAULTS[model_type]} == vit.HF_DEFAULTS[model_type]
+
+
+def test_a_sparse_config_json_reads_as_transformers_reads_it(tmp_path):
+  """save_pretrained writes only the fields off their defaults; both readers fill in the same architecture."""
+  from transformers import AutoConfig
+  for hf in (dict(model_type="dinov2", hidden_size=48, num_attention_heads=3),
+             dict(model_type="clip", vision_config=dict(hidden_size=48, num_attention_heads=3, patch_size=16)),
+             dict(model_type="clip_vision_model", hidden_act="gelu")):
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    full = AutoConfig.from_pretrained(tmp_path).to_dict()
+    assert ViTConfig.from_hf(hf) == ViTConfig.from_hf(full), hf
+
+
 @pytest.mark.parametrize("name", ["gelu", "quick_gelu"])
 def test_activation_values_and_derivatives_match_torch(name):
   x = np.linspace(-8, 8, 2001).astype(np.float32)
