@@ -26,6 +26,16 @@ _DEBUG = flags.DEFINE_bool("debug", False, "On an error in the input, show the f
 USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
 
+def define(define_flag: Callable, name: str, *args, **kwargs) -> flags.FlagHolder:
+  """`define_flag(name, *args, **kwargs)` (an absl or ml_collections DEFINE_* function), or the flag `name` as it is
+  when another entry point imported into this process defined it first. The entry points are libraries too (tests
+  and scripts import their functions), and several share flag names (--workdir, --step, --out, --config, --json);
+  a command run from the shell imports one entry point, which defines its own."""
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define_flag(name, *args, **kwargs)
+
+
 def _fail(message: str) -> None:
   sys.exit(f"error: {message}\n(--debug shows the traceback)")
 

@@ -38,13 +38,15 @@ from adaptface_jax import cli, verification
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "An .npz with embeddings [2P, D], issame [P] and optionally "
                                   "embeddings_flip [2P, D]: evaluate these precomputed embeddings.")
 _NAME = flags.DEFINE_string("name", None, "Benchmark name for --embeddings (default: the file's stem).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per benchmark (a line each) instead of the table.")
+_JSON = cli.define(flags.DEFINE_bool, "json", False,
+                   "Print one JSON object per benchmark (a line each) instead of the table.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Also write results.json, results.md and roc.png here (with "
                                "--workdir, by default WORKDIR/eval_step{N}).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: evaluate its checkpoint.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A training workdir: evaluate its checkpoint.")
+_STEP = cli.define(flags.DEFINE_integer, "step", None, "Checkpoint step (default: the latest).")
 _BEST = flags.DEFINE_bool("best", False, "Evaluate the best checkpoint (by config.eval.best_metric).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: evaluate its un-tuned backbone.")
+_CONFIG = cli.define(config_flags.DEFINE_config_file, "config", None,
+                     "Experiment config: evaluate its un-tuned backbone.")
 _BACKBONE = flags.DEFINE_string("backbone", None, "With --config: the backbone to evaluate (hub id or snapshot "
                                 "directory; sets model.backbone).")
 flags.DEFINE_alias("init", "backbone")  # the flag's former name

@@ -35,12 +35,12 @@ from adaptface_jax.models.lora import QKV_SLICES
 
 log = logging.getLogger(__name__)
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Training workdir.")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "onnx"], "hf: a HuggingFace snapshot (DA-LoRA: its variable "
                             "tree); onnx: one .onnx file, uint8 faces [N, 112, 112, 3] -> unit embeddings [N, D].")
-_OUT = flags.DEFINE_string("out", None, "hf: the output directory (required); onnx: the .onnx file (default: "
-                           "WORKDIR/export/model.onnx).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_OUT = cli.define(flags.DEFINE_string, "out", None, "hf: the output directory (required); onnx: the .onnx file "
+                  "(default: WORKDIR/export/model.onnx).")
+_STEP = cli.define(flags.DEFINE_integer, "step", None, "Checkpoint step (default: latest).")
 
 
 def merge_lora(backbone_params: dict, lora: dict, scale: float) -> dict:

@@ -31,13 +31,14 @@ from absl import flags
 from adaptface_jax import cli
 from adaptface_jax.data.common import IMAGE_SIZE
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: its checkpoint embeds the faces.", required=True)
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A training workdir: its checkpoint embeds the faces.",
+                      required=True)
 _GALLERY = flags.DEFINE_string("gallery", None, "Gallery folder: GALLERY/<identity>/<face>.jpg", required=True)
 _PROBE = flags.DEFINE_string("probe", None, "Probe folder: PROBE/<face>.jpg and/or PROBE/<identity>/<face>.jpg",
                              required=True)
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Gallery identities listed per probe.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_OUT = flags.DEFINE_string("out", None, "The CSV (default: WORKDIR/identify/probes.csv).")
+_STEP = cli.define(flags.DEFINE_integer, "step", None, "Checkpoint step (default: the latest).")
+_OUT = cli.define(flags.DEFINE_string, "out", None, "The CSV (default: WORKDIR/identify/probes.csv).")
 
 FPIR_TARGETS = (1e-2, 1e-1)
 UNLABELLED = ""

@@ -14,8 +14,8 @@ from ml_collections import config_flags
 from adaptface_jax import cli, trainable_rules
 from adaptface_jax.models import face_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_CONFIG = cli.define(config_flags.DEFINE_config_file, "config", None, "Experiment config file.", lock_config=True)
+_JSON = cli.define(flags.DEFINE_bool, "json", False, "Print one JSON object instead of a table.")
 
 
 def describe(config) -> dict:

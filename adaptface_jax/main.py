@@ -20,8 +20,8 @@ from ml_collections import config_flags
 
 from adaptface_jax import cli, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_CONFIG = cli.define(config_flags.DEFINE_config_file, "config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Directory for checkpoints, logs and results.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join a multi-process run (jax.distributed.initialize): the three flags below where given, "
     "else JAX_COORDINATOR_ADDRESS and the cluster's environment (SLURM, Open MPI, Kubernetes, Cloud TPU).")

@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+import onnxruntime as ort
 from conftest import TINY_RUN
 
 from adaptface_jax import embeddings, export, run_state, verification
 from adaptface_jax.models import face_model
 
 ROOT = Path(__file__).resolve().parents[1]
-ort = pytest.importorskip("onnxruntime")
 
 
 def tiny_run(tmp_path_factory, adapter: str) -> Path:

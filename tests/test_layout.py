@@ -54,6 +54,19 @@ def test_evaluation_and_export_do_not_import_the_training_loop_nor_casia_trainin
   assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_the_entry_points_import_into_one_process_and_keep_their_own_flags():
+  """Tests and scripts import the entry points' functions; several define the same flags (--workdir, --step, ...)."""
+  out = _run("from absl import flags\n"
+             "import adaptface_jax.export, adaptface_jax.identify, adaptface_jax.evaluate, adaptface_jax.main, "
+             "adaptface_jax.inspect_params\n"
+             "print(flags.FLAGS['workdir'].help, flags.FLAGS['gallery'].help, sep='|')")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().startswith("Training workdir.|Gallery folder"), out.stdout
+  help_text = subprocess.run([sys.executable, "-m", "adaptface_jax.identify", "--helpfull"], cwd=ROOT,
+                             capture_output=True, text=True).stdout
+  assert "A training workdir: its checkpoint embeds the faces." in help_text
+
+
 @pytest.mark.parametrize("old,new", [("inspect", "adaptface_jax.inspect_params"), ("vit", "adaptface_jax.models.vit"),
                                      ("partition", "adaptface_jax.trainable_rules")])
 def test_an_old_module_name_fails_with_the_new_one(old, new):
