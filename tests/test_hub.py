@@ -219,7 +219,8 @@ ABSL_BUILTIN = {"help", "helpfull", "helpshort", "flagfile"}
 
 def _defined_flags(module: str) -> set[str]:
   source = (ROOT / "adaptface_jax" / f"{module}.py").read_text()
-  return set(re.findall(r"DEFINE_\w+\(\s*\"([a-z_]+)\"", source)) | ABSL_BUILTIN
+  # flags.DEFINE_x("name", ...) and cli.define(flags.DEFINE_x, "name", ...)
+  return set(re.findall(r"DEFINE_\w+(?:\(|,)\s*\"([a-z_]+)\"", source)) | ABSL_BUILTIN
 
 
 def test_every_readme_flag_of_the_commands_exists():
