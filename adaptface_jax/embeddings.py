@@ -64,11 +64,15 @@ def extract(embed_fn, variables, images: np.ndarray, *, batch_size: int, domains
 def embedder(model, variables, *, batch_size: int, mesh: Mesh | None = None, output: str = "embedding_raw"):
   """A function: uint8 images [N, H, W, 3] -> (raw embeddings, raw embeddings of the flips) [N, D] under
   `variables` (a run's whole tree; the margin's class centres are left out)."""
-  embed_fn = make_embed_fn(model, output)
-  variables, _ = face_model.split_margin(variables)
-  if mesh is not None:  # replicated over the devices that share each batch
-    variables = sharding.put(variables, sharding.shardings(mesh)[0])
+  embed_fn, variables = make_embed_fn(model, output), model_variables(variables, mesh)
   return lambda images: extract(embed_fn, variables, images, batch_size=batch_size, mesh=mesh)[:2]
+
+
+def model_variables(tree: dict, mesh: Mesh | None) -> dict:
+  """What the model applies of a run's whole variable tree (the margin's class centres left out), replicated over
+  the devices that share each batch (a no-op when they already are)."""
+  variables, _ = face_model.split_margin(tree)
+  return variables if mesh is None else sharding.put(variables, sharding.shardings(mesh)[0])
 
 
 def benchmark_paths(config) -> dict[str, Path]:
@@ -135,9 +139,7 @@ class Evaluator:
           f"domain_{k}" for k in range(model.num_domains)]
 
   def __call__(self, trainable, out_dir: Path | None = None, *, step: int | None = None) -> dict:
-    variables, _ = face_model.split_margin(trainable_rules.merge(trainable, self.frozen))
-    if self.mesh is not None:  # replicated over the devices that share each batch (a no-op when they already are)
-      variables = sharding.put(variables, sharding.shardings(self.mesh)[0])
+    variables = model_variables(trainable_rules.merge(trainable, self.frozen), self.mesh)
     results = {}
     for name, (images, issame, domains) in self.benchmarks.items():
       emb, emb_flip, weights = extract(self.embed_fn, variables, images, batch_size=self.config.eval.batch_size,

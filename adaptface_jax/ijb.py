@@ -169,13 +169,20 @@ def _load_aligned(dataset: IJBSet, index: int) -> np.ndarray:
 
 def embed(dataset: IJBSet, embed_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
           batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-  """(raw embeddings, of the flips) [N, D] of every aligned image. Images are read and aligned by a thread pool
-  and embedded `batch_size` at a time, so that only features are kept, never all the images."""
+  """(raw embeddings, of the flips) [N, D] of every aligned image, `batch_size` images at a time: while one batch is
+  embedded, a thread pool reads and aligns the next, and only features are kept, never all the images."""
+  batches = [range(start, min(start + batch_size, len(dataset.paths)))
+             for start in range(0, len(dataset.paths), batch_size)]
   outputs = []
-  with concurrent.futures.ThreadPoolExecutor(runtime.usable_cpus()) as pool:
-    for start in tqdm(range(0, len(dataset.paths), batch_size), desc=f"{dataset.name} images", unit="batch"):
-      indices = range(start, min(start + batch_size, len(dataset.paths)))
-      outputs.append(embed_batch(np.stack(list(pool.map(lambda i: _load_aligned(dataset, i), indices)))))
+  with concurrent.futures.ThreadPoolExecutor(runtime.usable_cpus()) as pool, \
+       concurrent.futures.ThreadPoolExecutor(1) as ahead:
+    load = lambda indices: np.stack(list(pool.map(lambda i: _load_aligned(dataset, i), indices)))
+    pending = ahead.submit(load, batches[0])
+    for number in tqdm(range(len(batches)), desc=f"{dataset.name} images", unit="batch"):
+      images = pending.result()
+      if number + 1 < len(batches):
+        pending = ahead.submit(load, batches[number + 1])
+      outputs.append(embed_batch(images))
   return tuple(np.concatenate(parts).astype(np.float32) for parts in zip(*outputs))
 
 
@@ -244,10 +251,10 @@ def evaluate(emb: np.ndarray, emb_flip: np.ndarray, dataset: IJBSet, variants=VA
     template_ids, features = template_features(image_features(emb, emb_flip, dataset.scores, variant),
                                                dataset.templates, dataset.medias)
     scores = pair_scores(template_ids, features, dataset.pairs)
-    results[variant] = {
-        "tar_at_far": dict(zip(map(verification.far_label, FARS), tar_at_far(scores, dataset.labels, FARS))),
-        "auc": verification.roc_auc(-scores, dataset.labels),
-        "roc": {"far": roc_fars.tolist(), "tar": tar_at_far(scores, dataset.labels, roc_fars)}}
+    tars = tar_at_far(scores, dataset.labels, [*FARS, *roc_fars])  # the scores sorted once for both
+    results[variant] = {"tar_at_far": dict(zip(map(verification.far_label, FARS), tars[:len(FARS)])),
+                        "auc": verification.roc_auc(-scores, dataset.labels),
+                        "roc": {"far": roc_fars.tolist(), "tar": tars[len(FARS):]}}
   return {"benchmark": dataset.name, "alignment": dataset.template_source, "num_images": len(emb),
           "num_templates": int(len(np.unique(dataset.templates))), "num_genuine": int(dataset.labels.sum()),
           "num_impostor": num_impostor, "variants": results}

@@ -19,13 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptface_jax import runtime  # noqa: E402
 
-# (output folder, row, source: None for pixels, a config for an un-tuned snapshot, else a run under --runs)
-ROWS = [("pixels", "pixels", None),
-        ("untuned_dino", "untuned DINOv2-family snapshot", "configs/dalora_dino.py:demo"),
-        ("lora_dino", "LoRA, DINOv2 family", "lora_dino"),
-        ("dalora_dino", "DA-LoRA, DINOv2 family (the demo run)", "dalora_dino"),
-        ("untuned_clip", "untuned CLIP-family snapshot", "configs/dalora_clip.py:demo"),
-        ("lora_clip", "LoRA, CLIP family", "lora_clip"), ("dalora_clip", "DA-LoRA, CLIP family", "dalora_clip")]
+# (output folder = the run's name under --runs, row); "pixels" and "untuned_<family>" (the family's :demo backbone
+# alone) are no runs.
+ROWS = [("pixels", "pixels"), ("untuned_dino", "untuned DINOv2-family snapshot"), ("lora_dino", "LoRA, DINOv2 family"),
+        ("dalora_dino", "DA-LoRA, DINOv2 family (the demo run)"), ("untuned_clip", "untuned CLIP-family snapshot"),
+        ("lora_clip", "LoRA, CLIP family"), ("dalora_clip", "DA-LoRA, CLIP family")]
 SHOWN = ("N1D1F2", "N0D0F0")
 FARS = ("1e-4", "1e-3", "1e-2")
 
@@ -38,6 +36,7 @@ def main() -> None:
   runtime.use_cpu_devices()
   from adaptface_jax import evaluate, ijb
   from adaptface_jax.data import synthetic_ijb
+  from configs import common
 
   root = synthetic_ijb.build_ijb()
   dataset = ijb.read(root)
@@ -47,14 +46,14 @@ def main() -> None:
            f"{int((~dataset.labels).sum())} impostor template pairs. TAR (%) at FAR; `-`: not measurable.", "",
            "| row | variant | " + " | ".join(f"TAR@FAR={far}" for far in FARS) + " | AUC |",
            "|---|---|" + "---:|" * (len(FARS) + 1)]
-  for name, label, source in ROWS:
+  for name, label in ROWS:
     folder = out / name
-    if source is None:
+    if name == "pixels":
       results = ijb.evaluate(*ijb.embed(dataset, ijb.pixel_embeddings), dataset, variants=SHOWN)
-    elif source.startswith("configs/"):
-      results = evaluate.evaluate_untuned(_config(source), ijb=str(root))
+    elif name.startswith("untuned_"):
+      results = evaluate.evaluate_untuned(common.experiment(name[len("untuned_"):], "dalora", "demo"), ijb=str(root))
     else:
-      workdir = Path(args.runs) / source
+      workdir = Path(args.runs) / name
       if not (workdir / "config.json").exists():
         print(f"skipping {label}: no run in {workdir}", file=sys.stderr)
         continue
@@ -68,13 +67,6 @@ def main() -> None:
   (out / "report.md").write_text("\n".join(lines) + "\n\n" + ijb.NOTES + "\n")
   (out / "benchmark.json").write_text(json.dumps(json.loads((root / "COMPLETE.json").read_text()), indent=1) + "\n")
   print(f"wrote {out / 'report.md'}")
-
-
-def _config(spec: str):
-  import importlib
-
-  path, arg = spec.split(":")
-  return importlib.import_module(path[:-3].replace("/", ".")).get_config(arg)
 
 
 if __name__ == "__main__":

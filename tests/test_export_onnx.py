@@ -33,11 +33,11 @@ def jax_embeddings(model, variables, faces: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def onnx_embeddings(path: Path, faces: np.ndarray) -> np.ndarray:
-  session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-  (faces_input,) = session.get_inputs()
+  runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  (faces_input,) = runner.get_inputs()
   assert faces_input.name == "faces" and faces_input.type == "tensor(uint8)"
   assert isinstance(faces_input.shape[0], str) and faces_input.shape[1:] == [112, 112, 3]  # a dynamic batch
-  return session.run(None, {faces_input.name: faces})[0]
+  return runner.run(None, {faces_input.name: faces})[0]
 
 
 def faces(n: int = 5) -> np.ndarray:
