@@ -68,22 +68,38 @@ def _read(step: int, where: Path, read: Callable[[], Any]):
     raise DamagedCheckpoint(f"checkpoint step {step} at {where} is damaged: {what}") from error
 
 
+# No save waits longer than this for a peer: orbax ends a barrier or an asynchronous write that runs past it with an
+# error, which ends the run (train.py). Writing a checkpoint of this project's size takes seconds.
+SAVE_TIMEOUT_S = 300
+
+
+def _orbax_manager(directory: Path, *, keep: int, **options) -> ocp.CheckpointManager:
+  """An orbax manager of one folder. In a multi-process run the processes meet at named barriers during a save;
+  the folder's name prefixes them, so that last/ and best/ saving the same step do not wait on each other's."""
+  return ocp.CheckpointManager(
+      directory, item_names=("state", "meta"),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=False, **options,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name),
+          async_options=ocp.options.AsyncOptions(timeout_secs=SAVE_TIMEOUT_S)))
+
+
 class Checkpoints:
   def __init__(self, directory: Path, *, keep: int = 3, best_metric: str | None = None):
     self.directory = Path(directory).expanduser().absolute()
     self.best_metric = best_metric
-    self._last = ocp.CheckpointManager(
-        self.directory / "last", item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False))
+    self._last = _orbax_manager(self.directory / "last", keep=keep)
     self._best = None
     if best_metric:
-      self._best = ocp.CheckpointManager(
-          self.directory / "best", item_names=("state", "meta"),
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, create=False, best_fn=lambda meta: meta["metrics"][best_metric], best_mode="max"))
+      self._best = _orbax_manager(self.directory / "best", keep=1, best_mode="max",
+                                  best_fn=lambda meta: meta["metrics"][best_metric])
 
   def latest_step(self) -> int | None:
     return self._last.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The steps of last/, oldest first."""
+    return sorted(self._last.all_steps())
 
   def best_step(self) -> int | None:
     return self._best.best_step() if self._best is not None else None

@@ -36,6 +36,37 @@ def define(define_flag: Callable, name: str, *args, **kwargs) -> flags.FlagHolde
   return define_flag(name, *args, **kwargs)
 
 
+class MultihostFlags:
+  """--multihost and its companions, for the entry points that can run over several processes."""
+
+  def __init__(self):
+    self.multihost = define(
+        flags.DEFINE_bool, "multihost", False, "Join a multi-process run (jax.distributed.initialize): the flags "
+        "below where given, else JAX_COORDINATOR_ADDRESS and the cluster's environment (SLURM, Open MPI, Kubernetes, "
+        "Cloud TPU). Every process runs the same command.")
+    self.coordinator_address = define(flags.DEFINE_string, "coordinator_address", None,
+                                      "--multihost: host:port that process 0 listens on, reachable by all.")
+    self.num_processes = define(flags.DEFINE_integer, "num_processes", None,
+                                "--multihost: how many processes take part.", lower_bound=1)
+    self.process_id = define(flags.DEFINE_integer, "process_id", None,
+                             "--multihost: this process's index, 0 .. num_processes - 1.", lower_bound=0)
+    self.peer_timeout = define(
+        flags.DEFINE_float, "peer_timeout", 30.0, "--multihost: a process silent for this many seconds is taken "
+        "as lost, and the others end with a message naming it, the last checkpoint and how to resume.")
+
+  def join(self, batch_size: int | None = None) -> None:
+    """Joins the multi-process run with --multihost (peers.join), else presents this machine's CPU devices (no
+    effect on a GPU). Must run before JAX's first computation."""
+    from adaptface_jax import peers, runtime
+    if self.multihost.value:
+      peers.join(self.coordinator_address.value, self.num_processes.value, self.process_id.value,
+                 batch_size=batch_size, timeout_s=self.peer_timeout.value)
+    elif any(f.value is not None for f in (self.coordinator_address, self.num_processes, self.process_id)):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
+    else:  # on CPU, one device per core; batches are sharded over them (see runtime.py)
+      runtime.use_cpu_devices(batch_size)
+
+
 def _fail(message: str) -> None:
   sys.exit(f"error: {message}\n(--debug shows the traceback)")
 

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from adaptface_jax import cli, verification
+from adaptface_jax import cli, peers, verification
 
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "An .npz with embeddings [2P, D], issame [P] and optionally "
                                   "embeddings_flip [2P, D]: evaluate these precomputed embeddings.")
@@ -56,6 +56,7 @@ _IJB = flags.DEFINE_string("ijb", None, "IJB-B / IJB-C 1:1 template verification
                            "IJBC/, holding meta/ and loose_crop/), or `synthetic` for the synthetic world's "
                            "IJB-style benchmark, instead of the .bin benchmarks.")
 _MAX_PAIRS = flags.DEFINE_integer("max_pairs", None, "Evaluate a balanced subset of this many pairs.")
+_PROCESSES = cli.MultihostFlags()  # --workdir or --config over several processes (and their devices)
 
 # Printed per benchmark with --json (the full result, ROC curve included, goes to results.json via --out_dir).
 JSON_FIELDS = ("num_pairs", "accuracy", "accuracy_std", "accuracy_noflip", "val_at_far_1e-3", "val_std", "far",
@@ -130,6 +131,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _IJB.value and (_EMBEDDINGS.value or not (_WORKDIR.value or _CONFIG.value is not None)):
     raise app.UsageError("--ijb evaluates a model: give it with --workdir DIR or --config FILE")
+  if _PROCESSES.multihost.value and (_IJB.value or _EMBEDDINGS.value):
+    raise app.UsageError("--multihost evaluates the .bin benchmarks of --workdir or --config; run --ijb and "
+                         "--embeddings in one process")
+  _PROCESSES.join()  # batches are padded to a multiple of the device count
+  with peers.watching():
+    _evaluate()
+
+
+def _evaluate():
   # One mode per source of embeddings; each returns {benchmark: result} (with --ijb, the IJB result).
   out_dir, extra = _OUT_DIR.value, None
   if _EMBEDDINGS.value:
@@ -144,8 +154,15 @@ def main(argv):
     raise app.UsageError("nothing to evaluate: give --workdir DIR, --config FILE or --embeddings FILE.npz")
   if _IJB.value:
     report_ijb(results, as_json=_JSON.value, out_dir=out_dir, extra=extra)
-  else:
+  elif _is_first_process():  # every process has the results; one reports them
     report(results, as_json=_JSON.value, out_dir=out_dir, extra=extra)
+
+
+def _is_first_process() -> bool:
+  if not _PROCESSES.multihost.value:  # no need to start JAX (--embeddings)
+    return True
+  import jax
+  return jax.process_index() == 0
 
 
 def report_ijb(results: dict, *, as_json: bool, out_dir: str | None, extra: dict | None = None) -> None:
@@ -216,5 +233,4 @@ def evaluate_untuned(config, backbone: str | None = None, overrides: dict | None
 if __name__ == "__main__":
   from adaptface_jax import runtime
   runtime.use_tcmalloc()
-  runtime.use_cpu_devices()  # batches are padded to a multiple of the device count
   cli.run(main)

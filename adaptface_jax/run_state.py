@@ -54,20 +54,41 @@ def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
 
 
 def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
-  """(config, model, variables, meta) of a finished or running training run, for evaluation and export."""
+  """(config, model, variables, meta) of a finished or running training run, for evaluation and export.
+
+  Without `step`, the newest checkpoint of last/ that reads back as it was saved: a damaged newer one is reported
+  (a line each) and passed over, as a resumed run does, but left where it is. A damaged `step` or best checkpoint
+  is refused, naming the steps of last/ to pass instead."""
   workdir = Path(workdir).expanduser()
   if not (workdir / "config.json").exists():
     raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   manager = checkpoints.Checkpoints(workdir / "checkpoints", best_metric=config.eval.best_metric)
-  step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
-  if step is None:
+  newest = manager.best_step() if which == "best" else manager.latest_step()
+  if step is None and newest is None:
     raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
-  meta = manager.read_meta(step, which)
-  model, state, frozen, _, _ = setup(config, meta["num_classes"], steps=max(int(meta.get("total_steps", 1)), 1))
-  state = manager.restore(state, step=step, which=which, expected_fingerprint=checkpoints.fingerprint(frozen))
+  # A damaged best checkpoint is refused: an older step of last/ is no stand-in for the best one.
+  candidates = [step] if step is not None else [newest] if which == "best" else manager.all_steps()[::-1]
+  model = None
+  for index, candidate in enumerate(candidates):
+    try:
+      meta = manager.read_meta(candidate, which)
+      if model is None:
+        model, state, frozen, _, _ = setup(config, meta["num_classes"],
+                                           steps=max(int(meta.get("total_steps", 1)), 1))
+      restored = manager.restore(state, step=candidate, which=which,
+                                 expected_fingerprint=checkpoints.fingerprint(frozen))
+      break
+    except checkpoints.DamagedCheckpoint as error:
+      others = [s for s in manager.all_steps() if s != candidate]
+      if step is not None or index == len(candidates) - 1:
+        manager.close()
+        raise checkpoints.DamagedCheckpoint(
+            f"{error}; " + (f"--step {' or '.join(map(str, others))} names another of the run's checkpoints"
+                            if others else "the run has no other checkpoint")) from error
+      log.warning("%s; taking the previous checkpoint", error)
   manager.close()
-  return config, model, trainable_rules.merge(state.trainable, frozen), meta
+  return config, model, trainable_rules.merge(restored.trainable, frozen), meta
 
 
 def _backbone(config: ml_collections.ConfigDict) -> str:

@@ -86,11 +86,13 @@ def use_cpu_devices(batch_size: int | None = None) -> int:
 
 
 def use_processes(coordinator_address: str | None = None, num_processes: int | None = None,
-                  process_id: int | None = None, batch_size: int | None = None) -> None:
+                  process_id: int | None = None, batch_size: int | None = None, heartbeat_timeout_s: int = 100) -> None:
   """Joins a multi-process run with jax.distributed.initialize: the values given, else JAX_COORDINATOR_ADDRESS
   and what JAX detects from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). On CPU, each process presents
   `use_cpu_devices` devices for its share of `batch_size` (when num_processes is not given, the count divides the
-  whole batch; ADAPTFACE_CPU_DEVICES sets it). Must run before JAX's first computation."""
+  whole batch; ADAPTFACE_CPU_DEVICES sets it). A peer silent for `heartbeat_timeout_s` makes JAX's coordination
+  service abort the processes (peers.py ends them earlier, with a message). Must run before JAX's first
+  computation."""
   import jax
 
   if batch_size and num_processes:
@@ -98,5 +100,10 @@ def use_processes(coordinator_address: str | None = None, num_processes: int | N
       raise ValueError(f"--config.data.batch_size={batch_size} does not split over --num_processes={num_processes}: "
                        "give a multiple of the process count")
     batch_size //= num_processes
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+  # orbax's barriers outside its write thread are collectives without a timeout unless they go through the
+  # coordination service: this makes every barrier of a save end (with an error) when a peer never arrives.
+  from absl import flags
+  flags.FLAGS.experimental_orbax_use_distributed_barrier = True
   use_cpu_devices(batch_size)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from adaptface_jax import checkpoints, losses, sharding, trainable_rules
+from adaptface_jax import checkpoints, losses, peers, sharding, trainable_rules
 from adaptface_jax.metrics_log import MetricsLog
 from adaptface_jax.models import face_model
 from adaptface_jax.run_state import TrainState, init_from_run, setup
@@ -146,6 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   manager = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     best_metric=config.eval.best_metric)
+  peers.progress.checkpoints = manager.directory / "last"
   restored = manager.restore_latest(state, expected_fingerprint=frozen_fingerprint)
   if restored is not None:
     state = restored
@@ -192,6 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, metrics = step_fn(state, frozen, batch)
       window_images += config.data.batch_size
       done = step + 1
+      peers.progress.step = done
       stopping = stop.requested.is_set()  # read once: a signal arriving later is handled at the next step
       evaluate_now = evaluator is not None and (done % eval_every == 0 or done == steps)
       save_now = done % config.checkpoint_every == 0 or done == steps or evaluate_now or stopping

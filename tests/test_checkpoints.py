@@ -120,3 +120,19 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, finished_run, caplog
   rewritten = json.loads((workdir / "summary.json").read_text())
   assert rewritten["final_metrics"] == summary["final_metrics"]
   assert rewritten["steps"] == summary["steps"] and rewritten["trainable_params"] == summary["trainable_params"]
+
+
+def test_evaluation_and_export_pass_over_a_damaged_newest_checkpoint(tmp_path, finished_run, caplog):
+  """run_state.load_run, which evaluate, export and identify start from, takes the previous checkpoint as a resumed
+  run does, but moves nothing; a damaged checkpoint asked for by step is refused with the step to pass instead."""
+  workdir, _ = _copy(finished_run, tmp_path)
+  last = workdir / "checkpoints" / "last"
+  flip_bytes(last / "4")
+  caplog.set_level(logging.INFO, logger="adaptface_jax")
+  _, _, variables, meta = run_state.load_run(str(workdir))
+  assert meta["step"] == 2 and "margin" in variables
+  [line] = _our_warnings(caplog)
+  assert line.startswith(f"checkpoint step 4 at {last / '4'} is damaged: ") and "previous checkpoint" in line, line
+  assert (last / "4").is_dir() and not (workdir / "checkpoints" / "damaged").exists()
+  with pytest.raises(checkpoints.DamagedCheckpoint, match="step 4 .* is damaged: .*; --step 2 names another"):
+    run_state.load_run(str(workdir), step=4)
