@@ -12,6 +12,7 @@ deleted but by orbax's keep-the-last-N rotation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -33,6 +34,10 @@ class FingerprintMismatch(ValueError):
 
 class DamagedCheckpoint(ValueError):
   """A checkpoint that does not read back as it was written: a file changed, truncated or missing."""
+
+
+class SaveFailed(OSError):
+  """A save that did not complete: a peer did not reach one of its barriers in time, or the write failed."""
 
 
 def _leaves(tree) -> list[tuple[str, Any]]:
@@ -108,10 +113,23 @@ class Checkpoints:
     meta = {"step": int(step), "frozen_fingerprint": frozen_fingerprint, "metrics": metrics or {},
             "state_sha256": fingerprint(state), **extra}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self._last.save(step, args=args)
-    # A run resumed behind a damaged newest checkpoint saves its steps again; best/ may hold one of them already.
-    if self._best is not None and metrics and self.best_metric in metrics and step not in self._best.all_steps():
-      self._best.save(step, args=args, metrics=meta)
+    with self._saving():
+      self._last.save(step, args=args)
+      # A run resumed behind a damaged newest checkpoint saves its steps again; best/ may hold one of them already.
+      if self._best is not None and metrics and self.best_metric in metrics and step not in self._best.all_steps():
+        self._best.save(step, args=args, metrics=meta)
+
+  @contextlib.contextmanager
+  def _saving(self):
+    """Orbax writes in the background: a write or a barrier that failed (a peer that never came: orbax's timeout)
+    surfaces at the next save or at close, as one SaveFailed, which the command line prints as a paragraph."""
+    try:
+      yield
+    except (TimeoutError, jax.errors.JaxRuntimeError) as error:
+      reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+      raise SaveFailed(f"a checkpoint save in {self.directory} did not complete: {reason}. A save ends when a peer "
+                       f"does not reach it within {SAVE_TIMEOUT_S} s (or the filesystem failed); rerunning the "
+                       "command of every process resumes from the last complete checkpoint") from error
 
   def _restore(self, manager, step, target):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -196,8 +214,7 @@ class Checkpoints:
     self._last.reload()
 
   def close(self) -> None:
-    self._last.wait_until_finished()
-    self._last.close()
-    if self._best is not None:
-      self._best.wait_until_finished()
-      self._best.close()
+    with self._saving():
+      for manager in filter(None, (self._last, self._best)):
+        manager.wait_until_finished()
+        manager.close()

@@ -136,3 +136,19 @@ def test_evaluation_and_export_pass_over_a_damaged_newest_checkpoint(tmp_path, f
   assert (last / "4").is_dir() and not (workdir / "checkpoints" / "damaged").exists()
   with pytest.raises(checkpoints.DamagedCheckpoint, match="step 4 .* is damaged: .*; --step 2 names another"):
     run_state.load_run(str(workdir), step=4)
+
+
+def test_a_save_that_a_peer_never_reaches_ends_as_one_error(tmp_path, finished_run, monkeypatch):
+  """orbax's timeout on a barrier of a background save (a peer that never came) surfaces as a SaveFailed, one of the
+  errors the command line prints as a paragraph."""
+  from adaptface_jax import cli
+  workdir, _ = _copy(finished_run, tmp_path)
+  manager = checkpoints.Checkpoints(workdir / "checkpoints")
+
+  def stuck():
+    raise TimeoutError("Timed out while waiting for async_write_complete barrier.")
+
+  monkeypatch.setattr(manager._last, "wait_until_finished", stuck)
+  with pytest.raises(checkpoints.SaveFailed, match="did not complete: Timed out .* within 300 s") as error:
+    manager.close()
+  assert isinstance(error.value, cli.USER_ERRORS)
