@@ -11,7 +11,7 @@
 Settings (`--settings` takes names or their prefix before the '/'):
   dino112/lora, dino112/dalora_patch_mean, dino112/dalora_frozen_cls    DINOv2 ViT-S/14, 112 px, batch 64
   dino224/lora, dino224/dalora_patch_mean, dino224/dalora_frozen_cls    DINOv2 ViT-S/14, 224 px, batch 32
-  clip224/lora                                                          CLIP ViT-B/16, 224 px, batch 16
+  clip224/lora, clip224/dalora_patch_mean                               CLIP ViT-B/16, 224 px, batch 16
 The reference (`TorchReference`, launch/torch_reference.py) exists for the LoRA settings only; DA-LoRA (K=3) is
 ours alone.
 
@@ -140,9 +140,9 @@ def all_settings(quick: bool) -> list[Setting]:
     batch = 4 if quick else batch
     group = f"{backbone}{size}"
     out.append(Setting(f"{group}/lora", backbone, size, batch, "lora"))
-    if backbone == "dino":
-      for router_input in ("patch_mean", "frozen_cls"):
-        out.append(Setting(f"{group}/dalora_{router_input}", backbone, size, batch, "dalora", router_input))
+    # CLIP with the default router input only: the dino settings show what frozen_cls (a frozen forward) adds.
+    for router_input in ("patch_mean", "frozen_cls") if backbone == "dino" else ("patch_mean",):
+      out.append(Setting(f"{group}/dalora_{router_input}", backbone, size, batch, "dalora", router_input))
   return out
 
 

@@ -197,13 +197,11 @@ class Block(nn.Module):
     head_dim = c.hidden_size // c.num_heads
 
     qkv = self.qkv(self.norm1(x), domain_weights, **kw)
-    q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, c.num_heads, head_dim), 3, axis=2)
-    # Heads-major [B, H, T, d] before the batched matmuls: XLA:CPU runs them faster in this layout.
-    q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))
+    qkv = qkv.reshape(batch, tokens, 3, c.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, head_dim]; no transpose (see attention.py)
     if cls_only:
-      x, q = x[:, :1], q[:, :, :1]
-    attn = attention(q * jnp.asarray(head_dim ** -0.5, q.dtype), k, v)
-    attn = attn.transpose(0, 2, 1, 3).reshape(x.shape)
+      x, q = x[:, :1], q[:, :1]
+    attn = attention(q, k, v, scale=head_dim ** -0.5).reshape(x.shape)
     attn = self.proj(attn, domain_weights, **kw)
     if c.layerscale_init is not None:
       attn = attn * self.ls1.astype(self.dtype)
