@@ -15,7 +15,9 @@ Margin family (InsightFace's combined margin), for the target class with angle t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +132,64 @@ def _angular_target(target_cos: jnp.ndarray, m1: float, m2: float) -> jnp.ndarra
   return sign * jnp.cos(angle) - 2.0 * k
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassHead:
+  """How the class-centre matrix [D, C'] is laid out and how much of it a step uses.
+
+  num_classes: the true number of classes; columns from it on are padding (the centres are padded to a multiple of
+    `shards` so that they split evenly over devices) and never get a logit.
+  shards: the columns form this many equal blocks, one per device when the head is sharded; Partial FC samples
+    within each block, so that each device keeps its own centres.
+  sample_rate: Partial FC. Below 1, each step keeps the batch's positive classes and random negatives, up to
+    `sample_size` centres per block; the other centres get no logit and a zero gradient.
+  logits_sharding: the placement of the [B, C'] cosines (classes along the mesh axis the centres are sharded over),
+    so that every device computes the logits of its own centres; None for a replicated head.
+  """
+  num_classes: int
+  shards: int = 1
+  sample_rate: float = 1.0
+  logits_sharding: Any = None
+
+  def sample_size(self, columns: int, batch: int) -> int:
+    """Centres sampled per block: the rate's share of the block, and at least the global batch (every positive
+    class of the batch must fit) or the whole block."""
+    per_shard = columns // self.shards
+    return min(per_shard, max(math.ceil(self.sample_rate * per_shard), batch))
+
+  def by_block(self, x: jnp.ndarray) -> jnp.ndarray:
+    """x [shards, ...] with block i on device i, where the head is sharded: each device samples its own centres."""
+    if self.logits_sharding is None:
+      return x
+    mesh, (_, axis) = self.logits_sharding.mesh, self.logits_sharding.spec
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis)))
+
+
+def sample_classes(rng: jax.Array, centers: jnp.ndarray, labels: jnp.ndarray, head: ClassHead):
+  """Partial FC (arcface_torch's PartialFC): in each block of centres, the positive classes of the (global) batch and
+  random negatives, a fixed count per block so that shapes are static. Returns (sampled centres [D, shards * k],
+  labels remapped to the sampled columns, which sampled columns are real classes).
+
+  Positives score above every random negative and padding below, so top_k keeps all positives and picks padding
+  only when a block has too few real classes. Gradients reach the sampled centres alone (through the gather).
+  """
+  dim, columns = centers.shape
+  shards = head.shards
+  per_shard = columns // shards
+  k = head.sample_size(columns, labels.shape[0])
+  block, local = labels // per_shard, labels % per_shard
+  positive = jnp.zeros((shards, per_shard), bool).at[block, local].set(True)
+  real = (jnp.arange(columns) < head.num_classes).reshape(shards, per_shard)
+  score = jnp.where(positive, 2.0, jnp.where(real, jax.random.uniform(rng, (shards, per_shard)), -1.0))
+  score = head.by_block(score)
+  # [shards, k]: the k best of each block, in index order (as arcface_torch): at rate 1 the sample is the head itself.
+  # A sort rather than lax.top_k, whose XLA custom call is not partitioned: each device sorts its own block.
+  index = jnp.sort(jnp.argsort(-score, axis=1)[:, :k], axis=1)
+  slot = jnp.zeros((shards, per_shard), jnp.int32).at[jnp.arange(shards)[:, None], index].set(jnp.arange(k))
+  sampled = jnp.take_along_axis(centers.reshape(dim, shards, per_shard), index[None], axis=2)
+  return (sampled.reshape(dim, shards * k), block * k + slot[block, local],
+          jnp.take_along_axis(real, index, axis=1).reshape(-1))
+
+
 def _cosines_and_logits(
     embeddings: jnp.ndarray,
     centers: jnp.ndarray,
@@ -138,24 +198,37 @@ def _cosines_and_logits(
     m1: float,
     m2: float,
     m3: float,
-) -> tuple[jnp.ndarray, jnp.ndarray]:
+    *,
+    real: jnp.ndarray | None = None,
+    sharding=None,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """(cosines, logits, target logits). Columns where `real` is False (padding) get -inf logits and cosines: no
+  probability, no gradient. With `sharding` the [B, C] matrices are placed along the classes: every device
+  multiplies the gathered embeddings by its own centres, and the reductions over classes (log-sum-exp, the target
+  entries, argmax) combine the shards. The target entries are picked by a one-hot sum rather than a gather along the
+  sharded axis, which XLA would serve by gathering the whole matrix."""
   scale, m1, m2, m3 = _check_margins(scale, m1, m2, m3)
   _check_label_shapes(embeddings, centers, labels)
   embeddings = safe_l2_normalize(embeddings.astype(jnp.float32), axis=1)
   centers = safe_l2_normalize(centers.astype(jnp.float32), axis=0)
   # Rounding can push |cos| a hair past 1; the margin formulas assume [-1, 1].
   cosines = jnp.clip(embeddings @ centers, -1.0, 1.0)
+  if sharding is not None:
+    cosines = jax.lax.with_sharding_constraint(cosines, sharding)
 
-  target_cos = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]
+  is_target = jax.nn.one_hot(labels, cosines.shape[1], dtype=cosines.dtype)
+  target_cos = jnp.sum(cosines * is_target, axis=1)
   if m1 == 1.0 and m2 == 0.0:
     target_with_margin = target_cos - m3
   else:
     target_with_margin = _angular_target(target_cos, m1, m2) - m3
-  # Only the B target entries get the margin; adding the difference through a one-hot mask
+  # Only the B target entries get the margin; adding the difference through the one-hot mask
   # avoids evaluating the margin on the whole [B, C] matrix.
-  is_target = jax.nn.one_hot(labels, cosines.shape[1], dtype=cosines.dtype)
   logits = scale * (cosines + is_target * (target_with_margin - target_cos)[:, None])
-  return cosines, logits
+  if real is not None:
+    cosines = jnp.where(real, cosines, -jnp.inf)
+    logits = jnp.where(real, logits, -jnp.inf)
+  return cosines, logits, scale * target_with_margin
 
 
 def margin_logits(
@@ -177,7 +250,7 @@ def margin_logits(
     scale, m1, m2, m3: static Python floats, see the module docstring. Defaults are CosFace
       with the original project's s=64, m=0.35.
   """
-  _, logits = _cosines_and_logits(embeddings, centers, labels, scale, m1, m2, m3)
+  _, logits, _ = _cosines_and_logits(embeddings, centers, labels, scale, m1, m2, m3)
   return logits
 
 
@@ -185,27 +258,41 @@ def margin_loss(
     embeddings: jnp.ndarray,
     centers: jnp.ndarray,
     labels: jnp.ndarray,
+    *,
+    head: ClassHead | None = None,
+    rng: jax.Array | None = None,
     **margins: float,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Mean softmax cross-entropy over margin logits.
 
-  `margins` are the keyword arguments of `margin_logits` (scale, m1, m2, m3).
+  `margins` are the keyword arguments of `margin_logits` (scale, m1, m2, m3). `head` describes padded, sharded or
+  sampled centres (None: all columns are classes, nothing sampled); Partial FC (head.sample_rate < 1) draws its
+  sample from `rng`.
   Returns (loss, aux) where aux holds:
-    accuracy: fraction of images whose nearest centre (by plain cosine, no margin) is their own;
+    accuracy: fraction of images whose nearest centre (by plain cosine, no margin) is their own (among the
+      sampled centres under Partial FC);
     target_cosine: mean cosine between each embedding and its own class centre.
   """
   unknown = set(margins) - {"scale", "m1", "m2", "m3"}
   if unknown:
     raise TypeError(f"unknown margin arguments {sorted(unknown)}; expected scale, m1, m2, m3")
   params = {"scale": 64.0, "m1": 1.0, "m2": 0.0, "m3": 0.35, **margins}
-  cosines, logits = _cosines_and_logits(embeddings, centers, labels, **params)
-  log_probs = jax.nn.log_softmax(logits, axis=1)
-  target_log_probs = jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
-  loss = -jnp.mean(target_log_probs)
-  target_cos = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]
+  real, sharding = None, None
+  if head is not None:
+    sharding = head.logits_sharding
+    if head.sample_rate < 1.0:
+      if rng is None:
+        raise ValueError("Partial FC (sample_rate < 1) needs an rng")
+      centers, labels, real = sample_classes(rng, centers, labels, head)
+    elif head.num_classes < centers.shape[1]:
+      real = jnp.arange(centers.shape[1]) < head.num_classes
+  cosines, logits, target_logits = _cosines_and_logits(embeddings, centers, labels, **params, real=real,
+                                                       sharding=sharding)
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - target_logits)
+  is_target = jax.nn.one_hot(labels, cosines.shape[1], dtype=bool)
   aux = {
       "accuracy": jnp.mean((jnp.argmax(cosines, axis=1) == labels).astype(jnp.float32)),
-      "target_cosine": jnp.mean(target_cos),
+      "target_cosine": jnp.mean(jnp.sum(jnp.where(is_target, cosines, 0.0), axis=1)),
   }
   return loss, aux
 
@@ -238,21 +325,32 @@ def entropy_loss(weights: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(_entropy(_check_weights(weights), axis=1))
 
 
-def balance_loss(weights: jnp.ndarray) -> jnp.ndarray:
+def balance_loss(weights: jnp.ndarray, batch_mean: jnp.ndarray | None = None) -> jnp.ndarray:
   """log K - H(mean routing over the batch) = KL(mean routing || uniform).
 
   0 when the batch uses all domains equally, log K when every image picks the same domain.
+
+  The loss is not a mean over images, so the losses of micro-batches do not average to the whole batch's. When
+  `weights` are one of several equal micro-batches, `batch_mean` [K] is the whole batch's mean routing (computed
+  beforehand): the loss is then evaluated there, and differentiated through this micro-batch's mean, so that the
+  micro-batches' values and gradients average to the whole batch's (the chain rule through a mean of means).
   """
   weights = _check_weights(weights)
   num_domains = weights.shape[1]
-  return math.log(num_domains) - _entropy(jnp.mean(weights, axis=0))
+  mean = jnp.mean(weights, axis=0)
+  if batch_mean is not None:
+    mean = jax.lax.stop_gradient(batch_mean.astype(jnp.float32)) + (mean - jax.lax.stop_gradient(mean))
+  return math.log(num_domains) - _entropy(mean)
 
 
-def supervised_domain_loss(logits: jnp.ndarray, domain_labels: jnp.ndarray) -> jnp.ndarray:
+def supervised_domain_loss(logits: jnp.ndarray, domain_labels: jnp.ndarray,
+                           num_labelled: jnp.ndarray | None = None) -> jnp.ndarray:
   """Softmax cross-entropy against domain labels, averaged over labelled images only.
 
   Labels < 0 mark images without a domain label. With no labelled image the loss is exactly 0
-  (with zero gradient), never NaN.
+  (with zero gradient), never NaN. `num_labelled` (> 0) replaces this batch's count of labelled
+  images (at least 1) as the divisor: one of N equal micro-batches passes 1/N of the whole batch's
+  divisor, so that the micro-batches' losses average to the whole batch's however the labels fall.
   """
   if logits.ndim != 2:
     raise ValueError(f"domain logits must be [batch, domains], got shape {logits.shape}")
@@ -265,8 +363,9 @@ def supervised_domain_loss(logits: jnp.ndarray, domain_labels: jnp.ndarray) -> j
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=1)
   safe_labels = jnp.where(labelled, domain_labels, 0)
   nll = -jnp.take_along_axis(log_probs, safe_labels[:, None], axis=1)[:, 0]
-  num_labelled = jnp.sum(labelled)
-  return jnp.sum(jnp.where(labelled, nll, 0.0)) / jnp.maximum(num_labelled, 1).astype(jnp.float32)
+  if num_labelled is None:
+    num_labelled = jnp.maximum(jnp.sum(labelled), 1)
+  return jnp.sum(jnp.where(labelled, nll, 0.0)) / jnp.asarray(num_labelled, jnp.float32)
 
 
 def domain_losses(
@@ -277,10 +376,14 @@ def domain_losses(
     entropy_weight: float,
     balance_weight: float,
     supervised_weight: float,
+    batch_mean: jnp.ndarray | None = None,
+    num_labelled: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Weighted sum of the routing losses, and each unweighted term for logging.
 
   `domain_labels` may be None only when supervised_weight is 0 (the term is then logged as 0).
+  For one of several equal micro-batches, `batch_mean` and `num_labelled` describe the whole batch
+  (see `balance_loss` and `supervised_domain_loss`).
   Returns (total, {"entropy", "balance", "supervised"}).
   """
   if logits.shape != weights.shape:
@@ -302,10 +405,10 @@ def domain_losses(
       )
     supervised = jnp.zeros((), jnp.float32)
   else:
-    supervised = supervised_domain_loss(logits, domain_labels)
+    supervised = supervised_domain_loss(logits, domain_labels, num_labelled)
   terms = {
       "entropy": entropy_loss(weights),
-      "balance": balance_loss(weights),
+      "balance": balance_loss(weights, batch_mean),
       "supervised": supervised,
   }
   total = (

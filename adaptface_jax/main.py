@@ -28,7 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _PROCESSES.join(_CONFIG.value.data.batch_size)
+  # Devices split each micro-batch: their count must divide data.batch_size / optim.accumulate_steps.
+  _PROCESSES.join(_CONFIG.value.data.batch_size // max(1, _CONFIG.value.optim.get("accumulate_steps", 1)))
   with peers.watching():
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

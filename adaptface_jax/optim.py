@@ -16,6 +16,7 @@ Config fields (ml_collections.ConfigDict):
   b1, b2, eps     Adam moments and denominator epsilon
   grad_clip_norm  global-norm clipping threshold; None or 0 turns clipping off
   decay_1d        optional, default False: False leaves 1-D leaves (biases, norm scales) undecayed
+  accumulate_steps optional, default 1: micro-batches per update (read by the train step, checked here)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import ml_collections
 import optax
 
 _REQUIRED_FIELDS = ("name", "lr", "end_lr", "weight_decay", "b1", "b2", "eps", "grad_clip_norm")
-_OPTIONAL_FIELDS = ("warmup_steps", "warmup_fraction", "decay_1d")
+_OPTIONAL_FIELDS = ("warmup_steps", "warmup_fraction", "decay_1d", "accumulate_steps")
 
 
 def make_schedule(*, base_lr: float, total_steps: int, warmup_steps: int, end_lr: float) -> optax.Schedule:
@@ -124,6 +125,9 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(_OPTIMIZERS)}")
   if optim_config.weight_decay < 0:
     raise ValueError(f"optim.weight_decay must be >= 0, got {optim_config.weight_decay}")
+  accumulate = optim_config.get("accumulate_steps", 1)
+  if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+    raise ValueError(f"optim.accumulate_steps must be an int >= 1, got {accumulate!r}")
 
   warmup_steps = _resolve_warmup_steps(optim_config, total_steps)
   schedule = make_schedule(

@@ -7,6 +7,7 @@ no optimizer state ever exist for frozen weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,16 +27,21 @@ from jax.sharding import Mesh
 from adaptface_jax import checkpoints, losses, peers, sharding, trainable_rules
 from adaptface_jax.metrics_log import MetricsLog
 from adaptface_jax.models import face_model
+from adaptface_jax.models.preprocess import preprocess
 from adaptface_jax.run_state import TrainState, init_from_run, setup
 
 log = logging.getLogger(__name__)
 
 
-def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_config, step=None):
+def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_config, step=None, whole_batch=None,
+            head: losses.ClassHead | None = None):
   """Margin loss + weighted domain losses. Returns (total, metrics).
 
   With loss_config.margin_warmup_steps > 0 the cosine margin m3 grows linearly from 0 over that many steps (`step`):
   a backbone trained from scratch first learns under a plain normalised softmax, then under the CosFace margin.
+  `whole_batch`: when `batch` is a micro-batch of gradient accumulation, what its domain losses need of the whole
+  batch ({"mean_weights", "num_labelled"}, see make_train_step). `head` (sharding.class_head): padded, sharded or
+  sampled class centres; None: a plain replicated head.
   """
   variables, centers = face_model.split_margin(trainable_rules.merge(trainable, frozen))
   out = model.apply(variables, batch["image"], batch.get("domain"), train=True, rngs={"dropout": rng})
@@ -44,16 +50,18 @@ def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_
   if c.get("margin_warmup_steps", 0) and step is not None:
     ramp = jnp.minimum(1.0, step / c.margin_warmup_steps)
   margin_value, aux = losses.margin_loss(out["embedding"], centers, batch["label"], scale=c.scale,
-                                         m1=c.m1, m2=c.m2, m3=c.m3 * ramp)
+                                         m1=c.m1, m2=c.m2, m3=c.m3 * ramp, head=head, rng=jax.random.fold_in(rng, 1))
   metrics = {"loss/margin": margin_value, "train_accuracy": aux["accuracy"]}
   total = margin_value
   if out["domain_weights"] is not None:
     weights = out["domain_weights"]
     if out["domain_logits"] is not None:
       labels = batch.get("domain") if c.supervised_weight > 0 else None
+      whole = whole_batch or {}
       domain_total, terms = losses.domain_losses(
           out["domain_logits"], weights, labels, entropy_weight=c.entropy_weight,
-          balance_weight=c.balance_weight, supervised_weight=c.supervised_weight)
+          balance_weight=c.balance_weight, supervised_weight=c.supervised_weight,
+          batch_mean=whole.get("mean_weights"), num_labelled=whole.get("num_labelled"))
       total = total + domain_total
       metrics.update({f"loss/domain_{k}": v for k, v in terms.items()})
     mean_weights = weights.mean(axis=0)
@@ -63,18 +71,76 @@ def loss_fn(trainable, frozen, batch, rng, *, model: face_model.FaceModel, loss_
   return total, metrics
 
 
-def make_train_step(model, tx, schedule, loss_config):
+def make_train_step(model, tx, schedule, loss_config, accumulate_steps: int = 1, head: losses.ClassHead | None = None):
+  """The train step: the gradient of `loss_fn` on the batch, then one optimizer update.
+
+  With accumulate_steps N > 1 the batch (config.data.batch_size, the effective batch) is split into N micro-batches
+  that run forward and backward one after the other, and their mean gradient makes the one update: the activation
+  memory of a batch of B/N, the update of a batch of B, equal to it up to float rounding (loss, metrics, gradients)
+  where nothing is random: dropout masks (and Partial FC's sampled centres) are drawn per micro-batch. The step
+  consumes the whole batch, so no half-accumulated state ever exists between steps (checkpoints and resumption are
+  unchanged).
+
+  The balance loss is a function of the batch-mean routing, not a mean over images: with learned routing and
+  balance_weight > 0, a forward-only pass first computes the routing of every micro-batch (the router, and for
+  router.input "frozen_cls" the frozen backbone it reads; with the micro-batch's rng, so the same router dropout),
+  and each micro-batch's balance loss is evaluated at the whole batch's mean (losses.balance_loss).
+  """
+  learned_balance = model.num_domains > 1 and model.router_mode == "learned" and loss_config.balance_weight > 0
+  loss = functools.partial(loss_fn, model=model, loss_config=loss_config, head=head)
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def accumulated(trainable, frozen, batch, rng, step):
+    n = accumulate_steps
+    if batch["label"].shape[0] % n:
+      raise ValueError(f"a batch of {batch['label'].shape[0]} does not split into optim.accumulate_steps={n} "
+                       "equal micro-batches")
+    micro, rngs = _micro_batches(batch, n), jax.random.split(rng, n)
+    whole = {}
+    if learned_balance:
+      variables, _ = face_model.split_margin(trainable_rules.merge(trainable, frozen))
+      routing = lambda xs: model.apply(variables, xs[0]["image"], xs[0].get("domain"), rngs={"dropout": xs[1]},
+                                       method=_training_routing).mean(axis=0)
+      whole["mean_weights"] = jax.lax.map(routing, (micro, rngs)).mean(axis=0)
+    if loss_config.supervised_weight > 0 and "domain" in batch:
+      whole["num_labelled"] = jnp.maximum(jnp.sum(batch["domain"] >= 0), 1) / n
+
+    def add(grad_sum, xs):
+      (_, metrics), grads = grad_fn(trainable, frozen, xs[0], xs[1], step=step, whole_batch=whole)
+      return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    grad_sum, metrics = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, trainable), (micro, rngs))
+    metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
+    if "loss/domain_balance" in metrics:  # the whole batch's, also where balance_weight is 0 (no first pass)
+      mean_weights = jnp.stack([metrics[f"routing/mean_w{k}"] for k in range(model.num_domains)])
+      metrics["loss/domain_balance"] = losses.balance_loss(mean_weights[None])
+    return jax.tree.map(lambda g: g / n, grad_sum), metrics
+
   def train_step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.trainable, frozen, batch, rng, model=model, loss_config=loss_config,
-                                  step=state.step)
+    if accumulate_steps == 1:
+      (_, metrics), grads = grad_fn(state.trainable, frozen, batch, rng, step=state.step)
+    else:
+      grads, metrics = accumulated(state.trainable, frozen, batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["lr"] = schedule(state.step)
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
   return train_step
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+  """[B, ...] -> [n, B/n, ...], micro-batch j taking rows j, n + j, 2n + j, ...: each device's contiguous rows of
+  the sharded batch hold an equal share of every micro-batch (B a multiple of n x devices), so nothing moves
+  between devices."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _training_routing(model: face_model.FaceModel, images, domain_labels):
+  """The routing weights of a training forward (FaceModel.__call__), without the adapted backbone pass."""
+  x = preprocess(images, image_size=model.image_size, family=model.vit.family, dtype=model.dtype)
+  return model.route(x, domain_labels, deterministic=False)[1]
 
 
 class _StopOnSigterm:
@@ -112,11 +178,15 @@ def total_steps(config, num_examples: int) -> int:
   return int(config.num_epochs * num_examples // config.data.batch_size)
 
 
-def jit_train_step(model, tx, schedule, loss_config, mesh: Mesh):
-  """The train step jitted for `mesh`: state and frozen replicated, the batch sharded; the state is donated."""
+def jit_train_step(model, tx, schedule, loss_config, mesh: Mesh, head: losses.ClassHead | None = None,
+                   state_sharding=None, accumulate_steps: int = 1):
+  """The train step jitted for `mesh`: the state placed by `state_sharding` (sharding.state_shardings; replicated
+  when None), frozen replicated, the batch sharded; the state is donated. `head` (sharding.class_head) goes to the
+  margin loss; XLA inserts the collectives a sharded head needs."""
   replicated, batch_sharding = sharding.shardings(mesh)
-  return jax.jit(make_train_step(model, tx, schedule, loss_config), donate_argnums=0,
-                 in_shardings=(replicated, replicated, batch_sharding), out_shardings=(replicated, replicated))
+  state_sharding = replicated if state_sharding is None else state_sharding
+  return jax.jit(make_train_step(model, tx, schedule, loss_config, accumulate_steps, head), donate_argnums=0,
+                 in_shardings=(state_sharding, replicated, batch_sharding), out_shardings=(state_sharding, replicated))
 
 
 def _global_batch(local_batch: dict, sharding) -> dict:
@@ -136,9 +206,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"--config.init_from={init_from} is this run's own --workdir; give another workdir to the new "
                      "run (rerunning the command on its workdir resumes it without init_from)")
   mesh = sharding.data_mesh()
-  if config.data.batch_size <= 0 or config.data.batch_size % mesh.size:
-    raise ValueError(f"--config.data.batch_size={config.data.batch_size}: the global batch must be a positive "
-                     f"multiple of the {mesh.size} device(s) it is sharded over")
+  accumulate = config.optim.get("accumulate_steps", 1)
+  if accumulate < 1 or config.data.batch_size <= 0 or config.data.batch_size % (accumulate * mesh.size):
+    raise ValueError(f"--config.data.batch_size={config.data.batch_size} with --config.optim.accumulate_steps="
+                     f"{accumulate}: the global batch must be a positive multiple of accumulate_steps (>= 1) x the "
+                     f"{mesh.size} device(s) it is sharded over: each micro-batch is split over all devices")
   num_examples, num_classes = _data_source(config)
   steps = total_steps(config, num_examples)
   model, state, frozen, tx, schedule = setup(config, num_classes, steps)
@@ -166,9 +238,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = init_from_run(state, frozen, config, init_from, tx=tx)
   log.info("batch %d sharded over %d %s device(s)", config.data.batch_size, mesh.size, jax.default_backend())
   replicated, batch_sharding = sharding.shardings(mesh)
-  state = sharding.put(state, replicated)
+  head = sharding.class_head(config.get("centers"), mesh, num_classes, model.output_dim)
+  log.info("class centres of %d identities %s%s", num_classes,
+           f"sharded over {head.shards} devices" if head.shards > 1 else "replicated",
+           f", Partial FC at rate {head.sample_rate}" if head.sample_rate < 1 else "")
+  state = sharding.place_state(state, mesh, head)  # the centres padded and split over the devices when sharded
   frozen = sharding.put(frozen, replicated)
-  step_fn = jit_train_step(model, tx, schedule, config.loss, mesh)
+  step_fn = jit_train_step(model, tx, schedule, config.loss, mesh, head, sharding.state_shardings(state, mesh, head),
+                           accumulate_steps=accumulate)
 
   from adaptface_jax.data import pipeline
   start = int(state.step)
@@ -217,16 +294,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         accuracies = {name: r["accuracy"] for name, r in evaluator(state.trainable, workdir, step=done).items()}
         metrics_log.write(done, {f"eval/{name}": a for name, a in accuracies.items()})
         last_metrics.update({f"eval/{name}": a for name, a in accuracies.items()})
-      if save_now:
-        manager.save(done, state, frozen_fingerprint=frozen_fingerprint, num_classes=num_classes, total_steps=steps,
+      if save_now:  # the state of the true number of classes (all processes take part when it is cut)
+        saved = sharding.checkpoint_state(state, mesh, head)
+        manager.save(done, saved, frozen_fingerprint=frozen_fingerprint, num_classes=num_classes, total_steps=steps,
                      metrics=accuracies)
       if stopping:
         log.warning("SIGTERM: checkpoint saved at step %d, exiting", done)
         break
   manager.close()
   metrics_log.close()
-  if int(jax.device_get(state.step)) == steps and jax.process_index() == 0:
-    _write_summary(workdir, config, state, frozen, steps, last_metrics, time.perf_counter() - run_start)
+  if int(jax.device_get(state.step)) == steps and jax.process_index() == 0:  # the last step was saved
+    _write_summary(workdir, config, saved, frozen, steps, last_metrics, time.perf_counter() - run_start)
   return last_metrics
 
 

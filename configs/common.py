@@ -71,6 +71,15 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
       supervised_weight=0.0,  # cross-entropy on domain labels, when the data has them
       margin_warmup_steps=0,  # > 0: m3 grows linearly from 0 over this many steps (training from scratch)
   ))
+  c.centers = ml_collections.ConfigDict(dict(
+      # The class-centre matrix [embedding_dim, num_classes] and its AdamW moments split along the classes over the
+      # devices (see sharding.py): "on", "off", or "auto": on over several devices once the head with its moments
+      # reaches sharding.AUTO_SHARD_BYTES (256 MiB; e.g. MS1MV2's 85.7k identities at 512-d, not CASIA's 10.5k).
+      shard="auto",
+      # Partial FC: < 1 keeps each step's positive classes and random negatives, this share of each device's
+      # centres (at least the global batch size); 1.0 uses every centre.
+      sample_rate=1.0,
+  ))
   c.data = ml_collections.ConfigDict(dict(
       train="casia_webface",  # a TFDS builder registered by adaptface_jax.data.tfds_builders
       data_dir="",  # TFDS data_dir ("": $ADAPTFACE_CACHE/tfds or ~/.cache/adaptface_jax/tfds)
@@ -92,7 +101,9 @@ def base_config(backbone: str, adapter: str) -> ml_collections.ConfigDict:
   ))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, end_lr=1e-6, warmup_fraction=5 / 40, warmup_steps=None, weight_decay=0.05,
-      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=5.0, decay_1d=False))
+      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=5.0, decay_1d=False,
+      accumulate_steps=1,  # N: data.batch_size (the effective batch) runs as N micro-batches, then one update
+  ))
   c.num_epochs = 40
   c.total_steps = 0  # 0: num_epochs over the training set
   c.init_from = ""  # a run's workdir: start this new run from its last trainable weights (fresh optimizer); "": off

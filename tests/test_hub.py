@@ -219,6 +219,8 @@ ABSL_BUILTIN = {"help", "helpfull", "helpshort", "flagfile"}
 
 def _defined_flags(module: str) -> set[str]:
   source = (ROOT / "adaptface_jax" / f"{module}.py").read_text()
+  if "cli.MultihostFlags()" in source:  # --multihost and its companions, defined in cli.py
+    source += (ROOT / "adaptface_jax" / "cli.py").read_text()
   # flags.DEFINE_x("name", ...) and cli.define(flags.DEFINE_x, "name", ...)
   return set(re.findall(r"DEFINE_\w+(?:\(|,)\s*\"([a-z_]+)\"", source)) | ABSL_BUILTIN
 

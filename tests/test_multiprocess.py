@@ -22,6 +22,7 @@ TIMEOUT_S = 900  # per phase; a tiny run takes 1-3 minutes on 2 busy cores
 STEPS = 6
 EVERY = 2  # evaluations, last and best checkpoints at steps 2, 4 and 6
 PEER_TIMEOUT_S = 10
+pytestmark = pytest.mark.xdist_group("multiprocess")  # the tests share the runs of `two_process_run`
 
 
 def _free_port() -> int:

@@ -1,5 +1,6 @@
-"""A run checkpointed on 2 devices resumes on 1: the state is replicated, and a checkpoint is restored into the
-placement of the run that reads it, not the one that wrote it."""
+"""A run checkpointed on 2 devices resumes on 1: a checkpoint is restored into the placement of the run that reads
+it, not the one that wrote it. The 2-device run shards its class centres (and their AdamW moments) over the two
+devices (config.centers.shard=on); on 1 device they are whole."""
 
 import json
 import os
@@ -19,13 +20,15 @@ ATOL = 1e-5
 
 
 def train(workdir, cache_dir, devices: int, steps: int) -> str:
-  args = tiny_run_args(**{"eval.benchmarks": "()", "checkpoint_every": 2})
+  args = tiny_run_args(**{"eval.benchmarks": "()", "checkpoint_every": 2, "centers.shard": "on"})
   cmd = [sys.executable, "-m", "adaptface_jax.main", f"--config=configs/dalora_dino.py:demo,tiny,steps={steps}",
          f"--workdir={workdir}", *args]
   env = dict(os.environ, ADAPTFACE_CACHE=str(cache_dir), ADAPTFACE_CPU_DEVICES=str(devices))
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"sharded over {devices} cpu device(s)" in out.stderr
+  head = "sharded over 2 devices" if devices == 2 else "replicated"
+  assert f"class centres of 16 identities {head}" in out.stderr
   return out.stderr
 
 

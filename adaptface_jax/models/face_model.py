@@ -8,7 +8,9 @@ paths are what `config.trainable`'s rules match, see trainable_rules.py):
   lora/backbone/...     the adapter deltas at the paths of the layers they adapt: params/backbone/blocks_i/qkv/kernel
                         is adapted by lora/backbone/blocks_i/qkv/lora_a [K, in, rank] and .../lora_b [K, rank, out]
   margin/centers        the margin loss's class centres [output_dim, num_classes]: made by `init_variables`,
-                        taken off the tree again by `split_margin` (the model itself never sees them)
+                        taken off the tree again by `split_margin` (the model itself never sees them); a train
+                        step may hold them padded and split along the classes over the devices (sharding.py),
+                        a checkpoint always with this shape
 """
 
 from __future__ import annotations
