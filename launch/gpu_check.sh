@@ -197,9 +197,18 @@ for dtype in ("float32", "bfloat16"):
 EOF
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The sharded class head on this one GPU: one command goes here.
-# ---------------------------------------------------------------------------------------------------------------
+echo "== class head on this GPU: padded to a multiple of the devices, Partial FC at rate 0.3 (a 4-step tiny run)"
+# One GPU is a mesh of one device: the split along the classes needs several (tests/test_sharded_head.py checks it on
+# 8 CPU devices and on 2 processes x 2); this runs the padded, sampled head's step on the GPU.
+if timeout -k 10 90 python -m adaptface_jax.main --config configs/lora_dino.py:demo,tiny,steps=4 \
+    --workdir "$out/partial_fc" --config.data.train=synthetic_faces/tiny --config.data.batch_size=8 \
+    --config.model.image_size=56 --config.eval.max_pairs=40 --config.centers.shard=on \
+    --config.centers.sample_rate=0.3 >"$out/partial_fc.log" 2>&1; then
+  grep -E "class centres|synth_lfw: accuracy" "$out/partial_fc.log"
+else
+  tail -n 20 "$out/partial_fc.log"
+  failures+=("Partial FC run (log: $out/partial_fc.log)")
+fi
 
 echo
 echo "results: $out/benchmark_float32.json, $out/benchmark_bfloat16.json (and .log), $out/attention.log," \
