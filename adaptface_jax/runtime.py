@@ -104,6 +104,7 @@ def use_processes(coordinator_address: str | None = None, num_processes: int | N
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
   # orbax's barriers outside its write thread are collectives without a timeout unless they go through the
   # coordination service: this makes every barrier of a save end (with an error) when a peer never arrives.
+  import orbax.checkpoint  # noqa: F401 (defines the flag)
   from absl import flags
   flags.FLAGS.experimental_orbax_use_distributed_barrier = True
   use_cpu_devices(batch_size)
