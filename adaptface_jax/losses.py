@@ -57,15 +57,15 @@ def _check_margins(scale: float, m1: float, m2: float, m3: float) -> tuple[float
   # must be static Python numbers (config values). The cosine margin m3 is only subtracted, so it
   # may also be a scalar array (a margin schedule, see train.loss_fn).
   scale, m1, m2 = float(scale), float(m1), float(m2)
-  if isinstance(m3, jax.Array):
-    return scale, m1, m2, m3
-  m3 = float(m3)
   if not scale > 0:
     raise ValueError(f"margin scale must be > 0, got {scale}")
   if not m1 >= 1.0:
     raise ValueError(f"multiplicative angular margin m1 must be >= 1, got {m1}")
   if not 0.0 <= m2 < math.pi:
     raise ValueError(f"additive angular margin m2 must be in [0, pi), got {m2}")
+  if isinstance(m3, jax.Array):  # a schedule (the margin warmup): a traced value, not checked here
+    return scale, m1, m2, m3
+  m3 = float(m3)
   if not math.isfinite(m3):
     raise ValueError(f"additive cosine margin m3 must be finite, got {m3}")
   return scale, m1, m2, m3

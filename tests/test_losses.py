@@ -195,6 +195,10 @@ def test_margin_input_errors():
     losses.margin_logits(embeddings, centers, labels, m2=-0.1)
   with pytest.raises(ValueError, match="scale"):
     losses.margin_logits(embeddings, centers, labels, scale=0.0)
+  with pytest.raises(ValueError, match="scale"):  # also when m3 is a schedule (an array), as under margin warmup
+    losses.margin_loss(embeddings, centers, labels, scale=-1.0, m3=jnp.asarray(0.2))
+  with pytest.raises(ValueError, match="m2"):
+    losses.margin_loss(embeddings, centers, labels, m2=4.0, m3=jnp.asarray(0.2))
   with pytest.raises(ValueError, match="dim"):
     losses.margin_logits(embeddings, centers.T, labels)
   with pytest.raises(ValueError, match="shape"):
