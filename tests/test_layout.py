@@ -1,4 +1,4 @@
-"""The package's layout as the README gives it, its dependencies, and old module names that point to the new ones."""
+"""The package's layout as the README gives it, and its dependencies."""
 
 import re
 import subprocess
@@ -65,17 +65,6 @@ def test_the_entry_points_import_into_one_process_and_keep_their_own_flags():
   help_text = subprocess.run([sys.executable, "-m", "adaptface_jax.identify", "--helpfull"], cwd=ROOT,
                              capture_output=True, text=True).stdout
   assert "A training workdir: its checkpoint embeds the faces." in help_text
-
-
-@pytest.mark.parametrize("old,new", [("inspect", "adaptface_jax.inspect_params"), ("vit", "adaptface_jax.models.vit"),
-                                     ("partition", "adaptface_jax.trainable_rules")])
-def test_an_old_module_name_fails_with_the_new_one(old, new):
-  imported = _run(f"import adaptface_jax.{old}")
-  assert imported.returncode != 0 and f"adaptface_jax.{old} is now {new}" in imported.stderr, imported.stderr[-500:]
-  if old == "inspect":
-    command = subprocess.run([sys.executable, "-m", "adaptface_jax.inspect", "--config", "configs/lora_dino.py"],
-                             cwd=ROOT, capture_output=True, text=True)
-    assert command.returncode != 0 and new in command.stderr, command.stderr[-500:]
 
 
 def test_every_python_file_indents_by_two_spaces():
