@@ -3,18 +3,26 @@ file, a flag, a config field): they end the command with one paragraph on stderr
 traceback; `--debug` shows the traceback instead.
 
 The user errors are the ones the project raises when it checks its input: ValueError and its subclasses
-(RecordIOError, CheckpointError, DamagedCheckpoint, FingerprintMismatch), OSError (a missing or unreadable file;
-BackboneUnavailableError: weights neither cached nor downloadable) and pickle.UnpicklingError (a .bin that is not a
-pickle, or a refused one). Anything else is a fault of the program and keeps its traceback.
+(RecordIOError, CheckpointError, DamagedCheckpoint, FingerprintMismatch, ImageTooLarge, ijb.ReleaseError), OSError
+(a missing or unreadable file; BackboneUnavailableError: weights neither cached nor downloadable; SaveFailed: a
+checkpoint a peer never reached) and pickle.UnpicklingError (a .bin that is not a pickle, or a refused one).
+Anything else is a fault of the program and keeps its traceback.
+
+What the commands write goes through two helpers here: `refuse_run_files` keeps every output off a training
+workdir's own files, and `write_atomically` writes a file so that an interrupted or failed write leaves the old one
+(or none) in place, with an error naming the file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import IO
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -65,6 +73,57 @@ class MultihostFlags:
       raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
     else:  # on CPU, one device per core; batches are sharded over them (see runtime.py)
       runtime.use_cpu_devices(batch_size)
+
+
+# What training writes into its workdir: no other command may write over these, or inside the folders among them.
+RUN_FILES = ("config.json", "checkpoints", "metrics.jsonl", "summary.json", "results.json", "results.md", "roc.png",
+             "domain_weights.png", "tensorboard")
+
+
+def is_training_workdir(path: Path) -> bool:
+  """A folder holding a training run: its config.json beside its checkpoints/ or metrics.jsonl."""
+  return (path / "config.json").is_file() and ((path / "checkpoints").is_dir()
+                                               or (path / "metrics.jsonl").is_file())
+
+
+def refuse_run_files(path: str | os.PathLike, *, flag: str, workdirs=()) -> None:
+  """Raises ValueError, naming `path`, when a command's output `path` (a file it writes, or a folder it writes into)
+  is a training workdir or one of the workdir's own files (RUN_FILES), or lies inside one of them. The workdirs are
+  `workdirs` (the runs the command reads) and any training workdir that holds `path`. Outputs in other folders of a
+  workdir (identify/, export/, eval_step<N>/) are fine."""
+  target = Path(path).expanduser().resolve()
+  runs = {Path(w).expanduser().resolve() for w in workdirs if w}
+  runs |= {folder for folder in (target, *target.parents) if is_training_workdir(folder)}
+  for run in sorted(runs):
+    if target == run:
+      raise ValueError(f"{flag}={path}: that is the training workdir {run} itself, which holds the run's "
+                       f"{', '.join(RUN_FILES[:3])}...; give another folder (a new one, or a new subfolder of the "
+                       "workdir)")
+    if run in target.parents and target.relative_to(run).parts[0] in RUN_FILES:
+      own = run / target.relative_to(run).parts[0]
+      raise ValueError(f"{flag}={path}: {own} belongs to the training run in {run} (its own files: "
+                       f"{', '.join(RUN_FILES)}), which no command's output may replace; give another path")
+
+
+def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool = False) -> None:
+  """`write(file)` into a temporary file beside `path` (its parent folders made first), then renamed over `path`: a
+  write that fails or is interrupted leaves `path` as it was. An OSError on the way (a full disk, no permission)
+  is raised again naming `path`."""
+  path = Path(path)
+  temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary.unlink(missing_ok=True)  # left by a killed process of the same id
+    with open(temporary, "xb" if binary else "x", **({} if binary else {"newline": ""})) as handle:
+      write(handle)
+    os.replace(temporary, path)
+  except OSError as error:
+    raise OSError(f"cannot write {path}: {error}") from error
+  finally:
+    try:
+      temporary.unlink(missing_ok=True)
+    except OSError:  # the parent folder could not be made: there is no temporary file
+      pass
 
 
 def _fail(message: str) -> None:

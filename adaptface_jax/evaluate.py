@@ -49,7 +49,6 @@ _CONFIG = cli.define(config_flags.DEFINE_config_file, "config", None,
                      "Experiment config: evaluate its un-tuned backbone.")
 _BACKBONE = flags.DEFINE_string("backbone", None, "With --config: the backbone to evaluate (hub id or snapshot "
                                 "directory; sets model.backbone).")
-flags.DEFINE_alias("init", "backbone")  # the flag's former name
 _BENCHMARKS = flags.DEFINE_list("benchmarks", None, "Benchmarks (default: the config's eval.benchmarks).")
 _BIN_DIR = flags.DEFINE_string("bin_dir", None, "Folder of the .bin files (default: the config's eval.bin_dir).")
 _IJB = flags.DEFINE_string("ijb", None, "IJB-B / IJB-C 1:1 template verification on this release folder (IJBB/ or "
@@ -142,6 +141,8 @@ def main(argv):
 def _evaluate():
   # One mode per source of embeddings; each returns {benchmark: result} (with --ijb, the IJB result).
   out_dir, extra = _OUT_DIR.value, None
+  if out_dir:  # never over a training workdir's own results.json, config.json, ...
+    cli.refuse_run_files(out_dir, flag="--out_dir", workdirs=[_WORKDIR.value] if _WORKDIR.value else [])
   if _EMBEDDINGS.value:
     results = evaluate_embeddings_file(_EMBEDDINGS.value, _NAME.value)
   elif _WORKDIR.value:

@@ -14,6 +14,11 @@ are worked around in the traced function: it has no antialiased bicubic resize, 
 two constant matrix products holding jax.image.resize's own weights (the model then takes floats in 0..1 at its
 size), and a concatenation along the dynamic batch axis loses its size, so image and flip go through the model as two
 passes (sharing the weights).
+
+Nothing lands on a training workdir's own files (cli.refuse_run_files: not --out WORKDIR, nor WORKDIR/config.json,
+WORKDIR/checkpoints/...), and an hf --out folder that already holds files is refused unless --overwrite is given
+(then the export's files there are replaced, others left). An existing onnx --out file is replaced. Every file is
+written atomically (cli.write_atomically).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from adaptface_jax import cli, losses, run_state, trainable_rules
 from adaptface_jax.data.common import IMAGE_SIZE
@@ -41,6 +46,8 @@ _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "onnx"], "hf: a HuggingFace s
 _OUT = cli.define(flags.DEFINE_string, "out", None, "hf: the output directory (required); onnx: the .onnx file "
                   "(default: WORKDIR/export/model.onnx).")
 _STEP = cli.define(flags.DEFINE_integer, "step", None, "Checkpoint step (default: latest).")
+_OVERWRITE = cli.define(flags.DEFINE_bool, "overwrite", False, "hf: write into an --out folder that already holds "
+                        "files (the export's own files there are replaced, the others left).")
 
 
 def merge_lora(backbone_params: dict, lora: dict, scale: float) -> dict:
@@ -87,25 +94,46 @@ def _hf_config(vit_config) -> dict:
   return dict(config.to_dict(), architectures=[arch])
 
 
-def export_run(workdir: str, out: str, step: int | None = None) -> Path:
+def check_hf_out(workdir: str, out: str, *, overwrite: bool = False) -> Path:
+  """The --out folder of an hf export, refused (ValueError naming it) when it is a training workdir or one of its
+  own files, a file, or a folder that already holds files without `overwrite`."""
+  path = Path(out).expanduser()
+  cli.refuse_run_files(path, flag="--out", workdirs=[workdir])
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"--out={out}: {path} is a file; with --format=hf, --out names the folder to write")
+  present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+  if present and not overwrite:
+    shown = ", ".join(present[:5]) + (f", ... ({len(present)} in all)" if len(present) > 5 else "")
+    raise ValueError(f"--out={out}: {path} already holds {shown}; pass --overwrite to write the export over it (its "
+                     "files there are replaced, the others left), or give a new or empty folder")
+  return path
+
+
+def export_run(workdir: str, out: str, step: int | None = None, *, overwrite: bool = False) -> Path:
+  out = check_hf_out(workdir, out, overwrite=overwrite)
   config, model, variables, meta = run_state.load_run(workdir, step=step)
-  out = Path(out).expanduser()
-  out.mkdir(parents=True, exist_ok=True)
+
+  def write(name: str, text: str) -> None:
+    cli.write_atomically(out / name, lambda f: f.write(text))
+
+  def tensors(name: str, flat: dict, **metadata) -> None:
+    cli.write_atomically(out / name, lambda f: f.write(save(flat, metadata=metadata or None)), binary=True)
+
   if model.num_domains > 1:
     flat = {k: np.asarray(v) for k, v in trainable_rules.flatten(jax.device_get(variables)).items()}
-    save_file(flat, out / "adaptface_tree.safetensors")
-    (out / "README.txt").write_text(
-        "DA-LoRA mixes its K LoRA deltas per image with router weights, so they cannot be merged into one weight\n"
-        "matrix. adaptface_tree.safetensors holds the full variable tree ('/'-joined paths: params/backbone,\n"
-        "params/router, params/head, lora/..., margin/centers); config.json is the run's config.\n")
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    tensors("adaptface_tree.safetensors", flat)
+    write("README.txt",
+          "DA-LoRA mixes its K LoRA deltas per image with router weights, so they cannot be merged into one weight\n"
+          "matrix. adaptface_tree.safetensors holds the full variable tree ('/'-joined paths: params/backbone,\n"
+          "params/router, params/head, lora/..., margin/centers); config.json is the run's config.\n")
+    write("config.json", json.dumps(config.to_dict(), indent=2, default=list))
     return out
   merged = merge_lora(variables["params"]["backbone"], variables.get("lora", {}).get("backbone", {}),
                       model.spec.scale if model.spec else 1.0)
-  save_file(hf_weights.to_hf_tensors(merged, model.vit), out / "model.safetensors", metadata={"format": "pt"})
-  (out / "config.json").write_text(json.dumps(_hf_config(model.vit), indent=2))
+  tensors("model.safetensors", hf_weights.to_hf_tensors(merged, model.vit), format="pt")
+  write("config.json", json.dumps(_hf_config(model.vit), indent=2))
   if model.embedding_dim:  # a run without a head (pretraining) exports all it trained
-    (out / "adaptface_head.json").write_text(json.dumps({"step": meta["step"], "note": (
+    write("adaptface_head.json", json.dumps({"step": meta["step"], "note": (
         "merged backbone only; the embedding head (params/head) is not part of the HuggingFace model")}))
   return out
 
@@ -131,6 +159,11 @@ def onnx_embed_fn(model: face_model.FaceModel, variables: dict):
 
 
 def export_onnx(workdir: str, out: str | None = None, step: int | None = None) -> Path:
+  if out:
+    cli.refuse_run_files(out, flag="--out", workdirs=[workdir])
+    if Path(out).expanduser().is_dir():
+      raise ValueError(f"--out={out}: {Path(out).expanduser()} is a folder; with --format=onnx, --out names the "
+                       ".onnx file to write")
   import jax2onnx  # only this format needs the exporter
 
   _, model, variables, meta = run_state.load_run(workdir, step=step)
@@ -143,7 +176,6 @@ def export_onnx(workdir: str, out: str | None = None, step: int | None = None) -
   elif model.router_mode == "oracle":  # faces come without domain labels: uniform weights, as for unlabelled faces
     model = model.clone(router_mode="uniform")
   out = Path(out).expanduser() if out else Path(workdir).expanduser() / "export" / "model.onnx"
-  out.parent.mkdir(parents=True, exist_ok=True)
   # jax2onnx's dm_pix plugins do not import with this jax (unused here) and onnx_ir leaves some intermediate values
   # untyped: warnings that do not concern the graph.
   for name in ("jax2onnx.plugins.plugin_system", "onnx_ir.serde"):
@@ -151,7 +183,7 @@ def export_onnx(workdir: str, out: str | None = None, step: int | None = None) -
   faces = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3"), jnp.uint8)
   proto = jax2onnx.to_onnx(onnx_embed_fn(model, variables), [faces], model_name="adaptface",
                            input_names=["faces"], output_names=["embedding"])
-  out.write_bytes(proto.SerializeToString())  # one file: the weights are initializers in it
+  cli.write_atomically(out, lambda f: f.write(proto.SerializeToString()), binary=True)  # the weights are in it
   log.info("step %d exported to %s (%.1f MB)", meta["step"], out, out.stat().st_size / 1e6)
   return out
 
@@ -163,7 +195,7 @@ def main(argv):
   elif _OUT.value is None:
     raise ValueError("--out (the output directory) is required with --format=hf")
   else:
-    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value))
+    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value, overwrite=_OVERWRITE.value))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ With labelled probes it also reports, on stdout and in metrics.json beside the C
   - open set, when some labelled probes' identities are not in the gallery: TPIR at FPIR = 1e-2 and 1e-1, where
     the threshold t lets that fraction of the non-mated probes' best scores reach t, and a mated probe counts as
     identified when its own identity ranks first with a score >= t.
-Gallery embeddings are cached in WORKDIR/identify/cache/, keyed by the checkpoint and the gallery's file bytes.
+Gallery embeddings are cached in WORKDIR/identify/cache/, keyed by the checkpoint and the gallery's file bytes; a
+cache file that does not read back (a run killed while writing it) is rebuilt, with a warning naming it.
+
+Every input is checked before anything is written: the faces' sizes from their headers (an image over
+recordio.MAX_IMAGE_PIXELS is refused undecoded), the probes decoded, --out kept off the workdir's own files
+(cli.refuse_run_files). Every file is written atomically (cli.write_atomically).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +46,8 @@ _PROBE = flags.DEFINE_string("probe", None, "Probe folder: PROBE/<face>.jpg and/
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Gallery identities listed per probe.")
 _STEP = cli.define(flags.DEFINE_integer, "step", None, "Checkpoint step (default: the latest).")
 _OUT = cli.define(flags.DEFINE_string, "out", None, "The CSV (default: WORKDIR/identify/probes.csv).")
+
+log = logging.getLogger(__name__)
 
 FPIR_TARGETS = (1e-2, 1e-1)
 UNLABELLED = ""
@@ -58,19 +67,32 @@ def _images(folder: Path, *, labelled_only: bool) -> list[tuple[Path, str]]:
   return faces
 
 
-def _decode(path: Path) -> np.ndarray:
-  from adaptface_jax.data.recordio import decode_image
-  array = decode_image(path.read_bytes())
-  if array.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-    raise ValueError(f"{path}: face is {array.shape[1]}x{array.shape[0]}; identification takes aligned "
+def _check_face_size(path: Path, width: int, height: int) -> None:
+  if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):
+    raise ValueError(f"{path}: face is {width}x{height}; identification takes aligned "
                      f"{IMAGE_SIZE}x{IMAGE_SIZE} faces, as training and verification do")
+
+
+def _check_header(path: Path) -> None:
+  """The face's size from its header alone (an oversized or unreadable image is refused, naming the file)."""
+  from adaptface_jax.data import recordio
+  with recordio.open_image(path, name=path) as image:
+    _check_face_size(path, *image.size)
+
+
+def _decode(path: Path) -> np.ndarray:
+  from adaptface_jax.data import recordio
+  array = recordio.decode_image(path.read_bytes(), name=path)
+  _check_face_size(path, array.shape[1], array.shape[0])
   return array
 
 
-def embed_faces(embed, paths: list[Path]) -> np.ndarray:
-  """Unit embeddings [N, D] of the faces (image + flip, as verification)."""
+def embed_faces(embed, paths: list[Path], images: np.ndarray | None = None) -> np.ndarray:
+  """Unit embeddings [N, D] of the faces (image + flip, as verification); `images`, where given, are the faces
+  already decoded."""
   from adaptface_jax import verification
-  images = np.stack([_decode(path) for path in paths])
+  if images is None:
+    images = np.stack([_decode(path) for path in paths])
   raw, raw_flip = embed(images)
   return verification.strict_l2_normalize(raw + raw_flip)
 
@@ -127,46 +149,86 @@ def _gallery_key(workdir: Path, step: int, paths: list[Path], identities: list[s
   return digest.hexdigest()[:16]
 
 
+def _read_cache(cache: Path, count: int) -> np.ndarray | None:
+  """The cached gallery embeddings [count, D], or None when there are none or they do not read back as such (a
+  truncated file, of a run killed while writing it): a warning names the file, and the caller rebuilds it."""
+  if not cache.exists():
+    return None
+  try:
+    with np.load(cache) as archive:
+      embeddings = archive["embeddings"]
+    if embeddings.ndim != 2 or len(embeddings) != count or not np.issubdtype(embeddings.dtype, np.floating):
+      raise ValueError(f"embeddings of shape {embeddings.shape} ({embeddings.dtype}) for {count} faces")
+    if not np.isfinite(embeddings).all():
+      raise ValueError("non-finite embeddings")
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    log.warning("%s: the gallery cache does not read back (%s: %s); embedding the gallery again to replace it", cache,
+                type(error).__name__, error)
+    return None
+  print(f"gallery embeddings from {cache}", file=sys.stderr)
+  return embeddings
+
+
+def _write_cache(cache: Path, embeddings: np.ndarray) -> None:
+  """Written atomically, so that an interrupted run leaves no truncated cache; one that cannot be written (a full
+  disk) is only a warning: the cache saves time, the results do not need it."""
+  try:
+    cli.write_atomically(cache, lambda f: np.savez(f, embeddings=embeddings), binary=True)
+  except OSError as error:
+    log.warning("%s; the gallery embeddings are not cached", error)
+
+
 def identify(workdir: str, gallery: str, probe: str, *, top_k: int = 5, step: int | None = None,
              out: str | None = None) -> dict:
-  """Writes the probes' top-k CSV (and metrics.json with labelled probes); returns {"csv", "metrics"}."""
-  from adaptface_jax import embeddings, run_state
+  """Writes the probes' top-k CSV (and metrics.json with labelled probes); returns {"csv", "metrics"}.
+
+  Nothing is written before every input has been checked: the flags, --out, both folders' faces (the gallery's
+  from their headers; the probes decoded), the run."""
   if top_k < 1:
     raise ValueError(f"--top_k must be >= 1, got {top_k}")
   workdir_path = Path(workdir).expanduser()
+  out_path = Path(out).expanduser() if out else workdir_path / "identify" / "probes.csv"
+  if out:  # the CSV, and metrics.json beside it
+    for path in (out_path, out_path.parent / "metrics.json"):
+      cli.refuse_run_files(path, flag="--out", workdirs=[workdir_path])
+      if path.is_dir():
+        raise ValueError(f"--out={out}: {path} is a folder; --out names the CSV file to write (metrics.json is "
+                         "written beside it)")
   gallery_faces = _images(Path(gallery).expanduser(), labelled_only=True)
   probe_faces = _images(Path(probe).expanduser(), labelled_only=False)
+  gallery_paths, gallery_ids = [p for p, _ in gallery_faces], [name for _, name in gallery_faces]
+  probe_paths, probe_ids = [p for p, _ in probe_faces], [name for _, name in probe_faces]
+  for path in gallery_paths:
+    _check_header(path)
+  probe_images = np.stack([_decode(path) for path in probe_paths])
+  from adaptface_jax import embeddings, run_state  # JAX: only once the inputs are known to be good
   config, model, variables, meta = run_state.load_run(workdir, step=step)
   embed = embeddings.embedder(model, variables, batch_size=config.eval.batch_size)
 
-  gallery_paths, gallery_ids = [p for p, _ in gallery_faces], [name for _, name in gallery_faces]
   key = _gallery_key(workdir_path, int(meta["step"]), gallery_paths, gallery_ids)
   cache = workdir_path / "identify" / "cache" / f"{key}.npz"
-  if cache.exists():
-    gallery_embeddings = np.load(cache)["embeddings"]
-    print(f"gallery embeddings from {cache}", file=sys.stderr)
-  else:
-    gallery_embeddings = embed_faces(embed, gallery_paths)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, embeddings=gallery_embeddings)
+  gallery_embeddings = _read_cache(cache, len(gallery_paths))
+  if gallery_embeddings is None:
+    gallery_embeddings = embed_faces(embed, gallery_paths)  # a face that does not decode stops here, unwritten
+    _write_cache(cache, gallery_embeddings)
   names, gallery_templates = templates(gallery_embeddings, gallery_ids)
-  probe_paths, probe_ids = [p for p, _ in probe_faces], [name for _, name in probe_faces]
-  scores = embed_faces(embed, probe_paths) @ gallery_templates.T
+  scores = embed_faces(embed, probe_paths, probe_images) @ gallery_templates.T
 
-  out_path = Path(out).expanduser() if out else workdir_path / "identify" / "probes.csv"
-  out_path.parent.mkdir(parents=True, exist_ok=True)
   k = min(top_k, len(names))
   order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  with out_path.open("w", newline="") as f:
+
+  def write_csv(f):
     writer = csv.writer(f)
     writer.writerow(["probe", "identity"] + [f"{field}{r}" for r in range(1, k + 1) for field in ("top", "score")])
     for row, (path, identity) in enumerate(zip(probe_paths, probe_ids)):
       ranked = [value for column in order[row] for value in (names[column], f"{scores[row, column]:.6f}")]
       writer.writerow([str(path), identity] + ranked)
+
+  cli.write_atomically(out_path, write_csv)
   metrics = {**cmc(scores, names, probe_ids), **tpir_at_fpir(scores, names, probe_ids)}
   if metrics:
     metrics.update(step=int(meta["step"]), gallery_identities=len(names), probes=len(probe_paths))
-    (out_path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    cli.write_atomically(out_path.parent / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2)))
   return {"csv": str(out_path), "metrics": metrics}
 
 

@@ -9,6 +9,14 @@ with P = ijbb or ijbc. An optional meta/alignment_template.txt (five lines `x y`
 ArcFace five-point template: the synthetic IJB-style benchmark ships its renderer's own, since its faces are
 framed by the renderer rather than by the ArcFace template.
 
+`read` checks all of it before anything is embedded, and refuses (ReleaseError, naming the file and line, and the
+image) image names that leave loose_crop/ (absolute, `..`, or a symlink whose target resolves outside loose_crop/;
+one resolving inside is followed, and loose_crop/ itself may be a symlink), detector scores that are not finite or
+are negative, landmarks that are not finite, coincide, or lie more than LANDMARK_MARGIN of the crop's size outside
+it, an image listed twice in the 5-point file or in two templates or media, ids beyond 64 bits, and lines that do
+not parse. A score of 0 removes the image from its template in the D1 variants; a template scored 0 throughout has a
+zero feature there and its pairs score 0 (as in arcface_torch), with a warning.
+
 Protocol (arcface_torch's IJB script): each face is aligned to the template by the least-squares similarity of its
 five landmarks (scikit-image) and embedded with its horizontal flip. A variant's image feature is
   F0: the image's raw embedding; F1: [image, flip] concatenated; F2: image + flip;
@@ -27,6 +35,9 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
+import stat
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +46,7 @@ from scipy import sparse
 from tqdm import tqdm
 
 from adaptface_jax import runtime, verification
+from adaptface_jax.data import recordio
 from adaptface_jax.data.common import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -57,7 +69,8 @@ _ROC_POINTS = 200
 @dataclasses.dataclass
 class IJBSet:
   """One IJB release folder read: per image (in the 5-point file's order) its path, landmarks [N, 5, 2], detector
-  score, template and media; per pair its two template ids [P, 2] and label [P]; the alignment template [5, 2]."""
+  score, template and media; per pair its two template ids [P, 2] and label [P]; the alignment template [5, 2]; per
+  image its line in the 5-point file (`points_file`), which messages name."""
   name: str
   paths: list[Path]
   landmarks: np.ndarray
@@ -68,6 +81,19 @@ class IJBSet:
   labels: np.ndarray
   template: np.ndarray
   template_source: str
+  lines: np.ndarray | None = None
+  points_file: Path | None = None
+
+
+class ReleaseError(ValueError):
+  """Something in an IJB release folder that `read` refuses; the message names the file and line, or the image."""
+
+
+LANDMARK_MARGIN = 0.5  # landmarks may lie up to this fraction of the crop's width (height) left or right (above, below)
+MIN_LANDMARK_SPREAD = 1.0  # px: the RMS distance of the five landmarks from their centre, below which they coincide
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_HEADER_CHUNK = 1024  # images whose headers a worker reads at a time
+_POINT_FIELDS = [f"landmark {axis}{i}" for i in range(1, 6) for axis in "xy"] + ["detector score"]
 
 
 def _meta_file(meta: Path, prefix: str, suffix: str) -> Path:
@@ -78,8 +104,184 @@ def _meta_file(meta: Path, prefix: str, suffix: str) -> Path:
   return path
 
 
+def _text_lines(path: Path):
+  """(line number, fields) of each non-blank line of the UTF-8 text file `path`."""
+  data = path.read_bytes()
+  for number, raw in enumerate(data.splitlines(), 1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+      hint = " (a gzip file: unpack it first)" if data.startswith(b"\x1f\x8b") else ""
+      raise ReleaseError(f"{path}:{number}: not UTF-8 text: {error}{hint}") from None
+    fields = line.removeprefix("\ufeff").split() if number == 1 else line.split()
+    if fields:
+      yield number, fields
+
+
+def _number(text: str, where: str, what: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise ReleaseError(f"{where}: {what}: {text!r} is not a number") from None
+
+
+def _integer(text: str, where: str, what: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise ReleaseError(f"{where}: {what}: {text!r} is not an integer") from None
+  if not _INT64[0] <= value <= _INT64[1]:
+    raise ReleaseError(f"{where}: {what}: {text} is out of range (ids are 64-bit integers, {_INT64[0]} to "
+                       f"{_INT64[1]})")
+  return value
+
+
+def _check_name(name: str, where: str) -> None:
+  if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+    raise ReleaseError(f"{where}: image name {name!r} leads out of loose_crop/: a name is a path inside loose_crop/, "
+                       "neither absolute nor with `..`")
+
+
+def _spread(points: np.ndarray) -> np.ndarray:
+  """RMS distance of the landmarks [..., 5, 2] from their centre."""
+  return np.sqrt(((points - points.mean(axis=-2, keepdims=True)) ** 2).sum(-1).mean(-1))
+
+
+def _read_points(path: Path):
+  """(names, landmarks [N, 5, 2], scores [N], line numbers [N]) of the 5-point file, each line checked."""
+  names, values, score_texts, lines, first_line = [], [], [], [], {}
+  for number, fields in _text_lines(path):
+    where = f"{path}:{number}"
+    if len(fields) != 12:
+      raise ReleaseError(f"{where}: expected `NAME x1 y1 ... x5 y5 SCORE` (12 fields), got {len(fields)}")
+    name = fields[0]
+    _check_name(name, where)
+    if name in first_line:
+      raise ReleaseError(f"{where}: image {name!r} is listed again (first at line {first_line[name]}); an image has "
+                         "one line")
+    first_line[name] = number
+    values.append([_number(text, where, f"{_POINT_FIELDS[i]} of image {name!r}") for i, text in enumerate(fields[1:])])
+    names.append(name)
+    score_texts.append(fields[11])
+    lines.append(number)
+  if not names:
+    raise ReleaseError(f"{path}: lists no image")
+  with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+    values = np.asarray(values, np.float32)
+  landmarks, scores, lines = values[:, :10].reshape(-1, 5, 2), values[:, 10], np.asarray(lines)
+  where = lambda index: f"{path}:{lines[index]}"
+  bad = np.flatnonzero(~np.isfinite(landmarks).all(axis=(1, 2)))
+  if bad.size:
+    raise ReleaseError(f"{where(bad[0])}: the landmarks of image {names[bad[0]]!r} must be finite numbers, got "
+                       f"{landmarks[bad[0]].tolist()}")
+  bad = np.flatnonzero(~(np.isfinite(scores) & (scores >= 0)))
+  if bad.size:
+    raise ReleaseError(f"{where(bad[0])}: the detector score of image {names[bad[0]]!r} must be a finite number "
+                       f">= 0 (in float32), got {score_texts[bad[0]]!r}")
+  bad = np.flatnonzero(_spread(landmarks.astype(np.float64)) < MIN_LANDMARK_SPREAD)
+  if bad.size:
+    raise ReleaseError(f"{where(bad[0])}: the five landmarks of image {names[bad[0]]!r} coincide (within "
+                       f"{MIN_LANDMARK_SPREAD:g} px of their centre): {landmarks[bad[0]].tolist()}; no similarity maps "
+                       "them onto the template")
+  return names, landmarks, scores, lines
+
+
+def _read_tid_mid(path: Path) -> dict[str, tuple[int, int]]:
+  """{image name: (template id, media id)} of the template file; an image listed twice must agree."""
+  tid_mid, first_line = {}, {}
+  for number, fields in _text_lines(path):
+    where = f"{path}:{number}"
+    if len(fields) != 3:
+      raise ReleaseError(f"{where}: expected `NAME TEMPLATE_ID MEDIA_ID`, got {' '.join(fields)!r}")
+    name = fields[0]
+    _check_name(name, where)
+    entry = (_integer(fields[1], where, f"template id of image {name!r}"),
+             _integer(fields[2], where, f"media id of image {name!r}"))
+    if name in tid_mid and tid_mid[name] != entry:
+      (template, media), line = tid_mid[name], first_line[name]
+      raise ReleaseError(f"{where}: image {name!r} has template {entry[0]}, media {entry[1]} here but template "
+                         f"{template}, media {media} at line {line}; an image belongs to one template and media")
+    tid_mid[name] = entry
+    first_line.setdefault(name, number)
+  return tid_mid
+
+
+def _read_pairs(path: Path, templates: np.ndarray, tid_file: Path) -> np.ndarray:
+  """[P, 3] (template A, template B, label) of the pair file. numpy parses it (IJB-C has 15.7M pairs); on a problem,
+  the file is read again line by line, which names the first bad line (or returns the pairs, where Python reads
+  what numpy would not)."""
+  try:
+    with warnings.catch_warnings():  # an empty file: the line-by-line pass says so
+      warnings.simplefilter("ignore")
+      pairs = np.loadtxt(path, dtype=np.int64, comments=None, ndmin=2, encoding="utf-8-sig")
+  except (ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
+    pairs = None
+  if pairs is not None and pairs.size and pairs.shape[1] == 3 and np.isin(pairs[:, 2], (0, 1)).all() \
+      and np.isin(pairs[:, :2], templates).all():
+    return pairs
+  known = set(templates.tolist())
+  rows = []
+  for number, fields in _text_lines(path):
+    where = f"{path}:{number}"
+    if len(fields) != 3:
+      raise ReleaseError(f"{where}: expected `TEMPLATE_A TEMPLATE_B LABEL`, got {' '.join(fields)!r}")
+    a, b = (_integer(text, where, "template id") for text in fields[:2])
+    label = _integer(fields[2], where, "label")
+    if label not in (0, 1):
+      raise ReleaseError(f"{where}: the label must be 0 (impostor) or 1 (genuine), got {fields[2]!r}")
+    unknown = [t for t in (a, b) if t not in known]
+    if unknown:
+      raise ReleaseError(f"{where}: template(s) {unknown} have no image in {tid_file.name}")
+    rows.append((a, b, label))
+  if not rows:
+    raise ReleaseError(f"{path}: lists no pair; expected lines `TEMPLATE_A TEMPLATE_B LABEL`")
+  return np.asarray(rows, np.int64)
+
+
+def _read_template(path: Path) -> np.ndarray:
+  rows = []
+  for number, fields in _text_lines(path):
+    where = f"{path}:{number}"
+    if len(fields) != 2 or len(rows) == 5:
+      raise ReleaseError(f"{where}: expected five lines `x y` (a landmark in the 112x112 face), got "
+                         f"{' '.join(fields)!r}" + (" after five" if len(rows) == 5 else ""))
+    row = [_number(text, where, "coordinate") for text in fields]
+    if not np.isfinite(row).all():
+      raise ReleaseError(f"{where}: coordinates must be finite, got {' '.join(fields)!r}")
+    rows.append(row)
+  if len(rows) != 5:
+    raise ReleaseError(f"{path}: expected five lines `x y`, got {len(rows)}")
+  template = np.asarray(rows, np.float32)
+  if _spread(template.astype(np.float64)) < MIN_LANDMARK_SPREAD:
+    raise ReleaseError(f"{path}: the five points coincide: {template.tolist()}")
+  return template
+
+
+def _image_sizes(paths: list[Path], names: list[str], wheres: list[str], base: str) -> np.ndarray:
+  """[n, 2] (width, height) from each image's header, after checking that the image resolves (symlinks followed)
+  to a regular file inside `base` (the resolved loose_crop/); a file outside is never opened."""
+  sizes = np.zeros((len(paths), 2), np.int64)
+  for i, (path, name, where) in enumerate(zip(paths, names, wheres)):
+    try:
+      real = os.path.realpath(path)
+    except (OSError, ValueError) as error:
+      raise ReleaseError(f"{where}: image name {name!r} cannot be resolved: {error}") from None
+    if not real.startswith(base.rstrip(os.sep) + os.sep):
+      raise ReleaseError(f"{where}: image {name!r} resolves to {real}, outside {base}; images (and the targets of "
+                         "symlinks among them) must lie inside loose_crop/")
+    try:
+      if not stat.S_ISREG(os.stat(real).st_mode):
+        raise IsADirectoryError(f"{real} is not a regular file")
+      with recordio.open_image(real) as image:  # an image over recordio.MAX_IMAGE_PIXELS: refused undecoded
+        sizes[i] = image.size
+    except (OSError, ValueError) as error:
+      raise ReleaseError(f"{where}: cannot read the image {path}: {error}") from None
+  return sizes
+
+
 def read(root: str | Path) -> IJBSet:
-  """Reads and checks an IJB-B / IJB-C release folder (see the module docstring); errors name the file at fault."""
+  """Reads and checks an IJB-B / IJB-C release folder (see the module docstring) before anything is embedded: every
+  line of the meta files, and each image's header; errors name the file and line at fault, and the image."""
   root = Path(root).expanduser()
   meta = root / "meta"
   found = sorted(meta.glob("*_face_tid_mid.txt")) if meta.is_dir() else []
@@ -88,50 +290,65 @@ def read(root: str | Path) -> IJBSet:
         f"{root}: expected one meta/ijbb_face_tid_mid.txt or meta/ijbc_face_tid_mid.txt, found "
         f"{[p.name for p in found] or 'none'} (give the IJBB or IJBC folder of the release, which holds meta/ and "
         "loose_crop/)")
-  prefix = found[0].name[:-len("_face_tid_mid.txt")]
-  names, landmarks, scores = [], [], []
+  tid_file = found[0]
+  prefix = tid_file.name[:-len("_face_tid_mid.txt")]
   points_file = _meta_file(meta, prefix, "name_5pts_score.txt")
-  for number, line in enumerate(points_file.read_text().splitlines(), 1):
-    fields = line.split()
-    if not fields:
-      continue
-    if len(fields) != 12:
-      raise ValueError(f"{points_file}:{number}: expected `NAME x1 y1 ... x5 y5 SCORE` (12 fields), got {len(fields)}")
-    names.append(fields[0])
-    values = np.asarray(fields[1:], np.float32)
-    landmarks.append(values[:10].reshape(5, 2))
-    scores.append(values[10])
-  tid_mid = {}
-  for number, line in enumerate(found[0].read_text().splitlines(), 1):
-    fields = line.split()
-    if fields and len(fields) != 3:
-      raise ValueError(f"{found[0]}:{number}: expected `NAME TEMPLATE_ID MEDIA_ID`, got {line!r}")
-    if fields:
-      tid_mid[fields[0]] = (int(fields[1]), int(fields[2]))
+  names, landmarks, scores, lines = _read_points(points_file)
+  tid_mid = _read_tid_mid(tid_file)
   missing = [name for name in names if name not in tid_mid]
   if missing or len(tid_mid) != len(names):
-    raise ValueError(f"{found[0]} and {points_file} must list the same images: {len(missing)} of the landmark "
-                     f"file's {len(names)} have no template (e.g. {missing[:3]}), the template file lists "
-                     f"{len(tid_mid)}")
+    raise ReleaseError(f"{tid_file} and {points_file} must list the same images: {len(missing)} of the landmark "
+                       f"file's {len(names)} have no template (e.g. {missing[:3]}), the template file lists "
+                       f"{len(tid_mid)}")
   templates, medias = np.asarray([tid_mid[name] for name in names], np.int64).T
-  pair_file = _meta_file(meta, prefix, "template_pair_label.txt")
-  pairs = np.fromfile(pair_file, dtype=np.int64, sep=" ")
-  if pairs.size == 0 or pairs.size % 3:
-    raise ValueError(f"{pair_file}: expected lines `TEMPLATE_A TEMPLATE_B LABEL`, read {pairs.size} numbers")
-  pairs = pairs.reshape(-1, 3)
-  unknown = np.setdiff1d(pairs[:, :2], templates)
-  if unknown.size:
-    raise ValueError(f"{pair_file}: template(s) {unknown[:5].tolist()} have no image in {found[0].name}")
-  if not np.isin(pairs[:, 2], (0, 1)).all() or pairs[:, 2].min() == pairs[:, 2].max():
-    raise ValueError(f"{pair_file}: labels must be 0 (impostor) or 1 (genuine), with both present")
+  pairs = _read_pairs(_meta_file(meta, prefix, "template_pair_label.txt"), templates, tid_file)
+  if pairs[:, 2].min() == pairs[:, 2].max():
+    raise ReleaseError(f"{meta / f'{prefix}_template_pair_label.txt'}: labels must be 0 (impostor) or 1 (genuine), "
+                       "with both present")
   template, source = ARCFACE_TEMPLATE, "ArcFace five-point template"
   if (meta / TEMPLATE_FILE).is_file():
-    template = np.loadtxt(meta / TEMPLATE_FILE, dtype=np.float32).reshape(5, 2)
-    source = str(meta / TEMPLATE_FILE)
-  return IJBSet(name=root.name, paths=[root / "loose_crop" / name for name in names],
-                landmarks=np.stack(landmarks), scores=np.asarray(scores, np.float32), templates=templates,
-                medias=medias, pairs=pairs[:, :2], labels=pairs[:, 2].astype(bool), template=template,
-                template_source=source)
+    template, source = _read_template(meta / TEMPLATE_FILE), str(meta / TEMPLATE_FILE)
+
+  loose_crop = root / "loose_crop"
+  if not loose_crop.is_dir():
+    raise FileNotFoundError(f"{loose_crop} is missing: an IJB release folder holds the images in loose_crop/")
+  paths = [loose_crop / name for name in names]
+  wheres = [f"{points_file}:{number}" for number in lines]
+  base = os.path.realpath(loose_crop)
+  chunks = [slice(start, start + _HEADER_CHUNK) for start in range(0, len(paths), _HEADER_CHUNK)]
+  with concurrent.futures.ThreadPoolExecutor(runtime.usable_cpus()) as pool:
+    sizes = np.concatenate(list(pool.map(lambda s: _image_sizes(paths[s], names[s], wheres[s], base), chunks)))
+  low, high = -LANDMARK_MARGIN * sizes[:, None, :], (1 + LANDMARK_MARGIN) * sizes[:, None, :]
+  beyond = np.maximum(low - landmarks, landmarks - high).max(axis=-1)  # [N, 5] px beyond the margin
+  if (beyond > 0).any():
+    i, j = np.unravel_index(np.argmax(beyond > 0), beyond.shape)
+    x, y = landmarks[i, j]
+    width, height = sizes[i]
+    outside = max(-x, x - width, -y, y - height)
+    raise ReleaseError(f"{wheres[i]}: landmark {j + 1} ({x:g}, {y:g}) of image {names[i]!r} lies {outside:.0f} px "
+                       f"outside its {width}x{height} crop; landmarks may lie at most {100 * LANDMARK_MARGIN:.0f} % "
+                       "of the crop's width (height) outside it")
+  _warn_zero_scores(points_file, scores, templates)
+  return IJBSet(name=root.name, paths=paths, landmarks=landmarks, scores=scores, templates=templates, medias=medias,
+                pairs=pairs[:, :2], labels=pairs[:, 2].astype(bool), template=template, template_source=source,
+                lines=lines, points_file=points_file)
+
+
+def _warn_zero_scores(points_file: Path, scores: np.ndarray, templates: np.ndarray) -> None:
+  """A detector score of 0 removes the image from its template in the D1 variants; a template whose every score is
+  0 has a zero feature there, and each of its pairs scores 0 (cosine with a zero vector), as in arcface_torch."""
+  if not (scores == 0).any():
+    return
+  template_ids, index = np.unique(templates, return_inverse=True)
+  best = np.zeros(len(template_ids), np.float32)
+  np.maximum.at(best, index, scores)
+  empty = template_ids[best == 0]
+  if len(empty) == len(template_ids):
+    log.warning("%s: every detector score is 0: the D1 variants score every pair 0 (the D0 variants ignore the "
+                "scores)", points_file)
+  elif len(empty):
+    log.warning("%s: every image of %d template(s) (e.g. %s) has detector score 0: in the D1 variants their feature "
+                "is zero and each of their pairs scores 0", points_file, len(empty), empty[:5].tolist())
 
 
 def similarity(points: np.ndarray, template: np.ndarray):
@@ -139,7 +356,7 @@ def similarity(points: np.ndarray, template: np.ndarray):
   from skimage.transform import SimilarityTransform
 
   transform = SimilarityTransform.from_estimate(np.asarray(points, np.float64), np.asarray(template, np.float64))
-  if not transform:
+  if not transform or not np.isfinite(transform.params).all():
     raise ValueError(f"no similarity maps landmarks {np.asarray(points).tolist()} onto the template "
                      "(degenerate landmarks?)")
   return transform
@@ -157,14 +374,17 @@ def align(image: np.ndarray, points: np.ndarray, template: np.ndarray = ARCFACE_
 
 
 def _load_aligned(dataset: IJBSet, index: int) -> np.ndarray:
-  from adaptface_jax.data import recordio
 
   path = dataset.paths[index]
   try:
     image = recordio.decode_image(path.read_bytes())
   except (OSError, ValueError) as error:
     raise ValueError(f"{path}: cannot read the image: {error}") from error
-  return align(image, dataset.landmarks[index], dataset.template)
+  try:
+    return align(image, dataset.landmarks[index], dataset.template)
+  except ValueError as error:  # numpy's LinAlgError ("SVD did not converge") is one
+    where = f" ({dataset.points_file}:{dataset.lines[index]})" if dataset.lines is not None else ""
+    raise ReleaseError(f"{path}{where}: cannot align the image to the template: {error}") from error
 
 
 def embed(dataset: IJBSet, embed_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],

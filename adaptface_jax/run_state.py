@@ -8,8 +8,10 @@ here, without the training loop); `init_from_run` starts a new run from another 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,50 @@ def setup(config: ml_collections.ConfigDict, num_classes: int, steps: int):
   return model, state, frozen, tx, schedule
 
 
+# The sections of a run's config.json that loading it reads (training writes them all).
+CONFIG_SECTIONS = {"seed": "a number", "model": "a section", "adapter": "a section", "router": "a section",
+                   "loss": "a section", "eval": "a section", "optim": "a section", "trainable": "a list of rules"}
+
+
+def read_config(path: Path, flag: str = "") -> ml_collections.ConfigDict:
+  """The config a training run wrote to `path` (its workdir's config.json). Invalid JSON, JSON of another kind and
+  a missing or mistyped section (CONFIG_SECTIONS) are refused with a ValueError naming the file; `flag`, where the
+  user gave the run through one (--config.init_from=...), starts the message."""
+  where = f"{flag}: {path}" if flag else str(path)
+  hint = "a training workdir's config.json is the config its run was started with, as training wrote it"
+  try:
+    data = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{where}: not valid JSON ({error}); {hint}") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"{where}: holds a JSON {type(data).__name__}, not an object of config sections "
+                     f"({', '.join(CONFIG_SECTIONS)}); {hint}")
+  kinds = {"a number": (int, float), "a section": dict, "a list of rules": (list, tuple)}
+  missing = [name for name in CONFIG_SECTIONS if name not in data]
+  mistyped = [f"{name} (not {kind})" for name, kind in CONFIG_SECTIONS.items()
+              if name in data and (not isinstance(data[name], kinds[kind]) or isinstance(data[name], bool))]
+  if missing or mistyped:
+    raise ValueError(f"{where}: not a run's config: " + "; ".join(
+        ([f"no {', '.join(missing)}"] if missing else []) + ([f"{', '.join(mistyped)}"] if mistyped else []))
+        + f"; {hint}")
+  return ml_collections.ConfigDict(data)
+
+
+@contextlib.contextmanager
+def config_fields(path: Path, flag: str = ""):
+  """Turns a config field that the config.json at `path` lacks (ml_collections' AttributeError, raised while the run
+  is rebuilt from it) into a ValueError naming the file and the field."""
+  try:
+    yield
+  except AttributeError as error:
+    field = str(error.args[0] if error.args else error).strip("\"'")
+    if not re.fullmatch(r"\w+", field):
+      raise
+    where = f"{flag}: {path}" if flag else str(path)
+    raise ValueError(f"{where}: the run's config has no field `{field}` (a config.json of another version of the "
+                     "project, or edited by hand?)") from error
+
+
 def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
   """(config, model, variables, meta) of a finished or running training run, for evaluation and export.
 
@@ -62,8 +108,10 @@ def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
   workdir = Path(workdir).expanduser()
   if not (workdir / "config.json").exists():
     raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  manager = checkpoints.Checkpoints(workdir / "checkpoints", best_metric=config.eval.best_metric)
+  config = read_config(workdir / "config.json")
+  with config_fields(workdir / "config.json"):
+    best_metric = config.eval.best_metric
+  manager = checkpoints.Checkpoints(workdir / "checkpoints", best_metric=best_metric)
   newest = manager.best_step() if which == "best" else manager.latest_step()
   if step is None and newest is None:
     raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
@@ -74,8 +122,9 @@ def load_run(workdir: str, *, step: int | None = None, which: str = "last"):
     try:
       meta = manager.read_meta(candidate, which)
       if model is None:
-        model, state, frozen, _, _ = setup(config, meta["num_classes"],
-                                           steps=max(int(meta.get("total_steps", 1)), 1))
+        num_classes, steps = meta["num_classes"], max(int(meta.get("total_steps", 1)), 1)
+        with config_fields(workdir / "config.json"):
+          model, state, frozen, _, _ = setup(config, num_classes, steps=steps)
       restored = manager.restore(state, step=candidate, which=which,
                                  expected_fingerprint=checkpoints.fingerprint(frozen))
       break
@@ -116,11 +165,16 @@ def init_from_run(state: TrainState, frozen, config: ml_collections.ConfigDict, 
   source = Path(source_workdir).expanduser()
   if not (source / "config.json").exists():
     raise FileNotFoundError(f"{flag}: {source} is not a training workdir (no config.json)")
-  source_config = ml_collections.ConfigDict(json.loads((source / "config.json").read_text()))
-  if _backbone(source_config) != _backbone(config):
-    raise ValueError(f"{flag}: that run adapted the backbone {_backbone(source_config)}, this config loads "
+  source_config = read_config(source / "config.json", flag)
+  with config_fields(source / "config.json", flag):
+    source_backbone = _backbone(source_config)
+    theirs_k = source_config.adapter.num_domains if source_config.adapter.rank else 0
+    source_scale = (source_config.adapter.get("alpha"), source_config.adapter.get("rslora"))  # for a warning
+    source_trainable = list(source_config.trainable)
+  if source_backbone != _backbone(config):
+    raise ValueError(f"{flag}: that run adapted the backbone {source_backbone}, this config loads "
                      f"{_backbone(config)}; a run can only start from a run of the same backbone")
-  theirs_k, ours_k = (c.adapter.num_domains if c.adapter.rank else 0 for c in (source_config, config))
+  ours_k = config.adapter.num_domains if config.adapter.rank else 0
   if theirs_k > 1 and ours_k == 1:
     raise ValueError(f"{flag}: that run is DA-LoRA with {theirs_k} domain adapters, this config plain LoRA "
                      f"(adapter.num_domains=1); DA-LoRA -> LoRA is not supported (there is no one adapter to take)")
@@ -131,12 +185,12 @@ def init_from_run(state: TrainState, frozen, config: ml_collections.ConfigDict, 
   if meta is None:
     raise FileNotFoundError(f"{flag}: {source} has no checkpoint (nothing in {manager.directory / 'last'})")
   if meta["frozen_fingerprint"] != checkpoints.fingerprint(frozen):
-    raise ValueError(f"{flag}: that run's frozen weights (backbone {_backbone(source_config)}) differ from this "
+    raise ValueError(f"{flag}: that run's frozen weights (backbone {source_backbone}) differ from this "
                      f"config's (backbone {_backbone(config)}): another seed of a random init, or other "
                      f"config.trainable rules; a run can only start from a run of the same frozen weights")
 
   _, _, variables, _ = load_run(str(source), step=step)
-  theirs = trainable_rules.flatten(trainable_rules.split(variables, source_config.trainable)[0])
+  theirs = trainable_rules.flatten(trainable_rules.split(variables, source_trainable)[0])
   ours = trainable_rules.flatten(state.trainable)
   taken, tiled, kept, unfit = {}, [], [], []
   for path, leaf in ours.items():
@@ -157,10 +211,10 @@ def init_from_run(state: TrainState, frozen, config: ml_collections.ConfigDict, 
   if unfit:
     raise ValueError(f"{flag}: {len(unfit)} trainable leaves of that run do not fit this config (another adapter "
                      "rank, targets or embedding size?): " + "; ".join(unfit[:6]) + ("; ..." * (len(unfit) > 6)))
-  scale = lambda c: (c.adapter.alpha, c.adapter.rslora)
-  if taken and scale(source_config) != scale(config):
+  scale = (config.adapter.alpha, config.adapter.rslora)
+  if taken and source_scale != scale:
     log.warning("%s: that run's adapters were trained at another scale: (alpha, rslora) %s there, %s here", flag,
-                scale(source_config), scale(config))
+                source_scale, scale)
   log.info("%d of %d trainable leaves initialised from %s (step %d)%s; kept their own initialisation: %s", len(taken),
            len(ours), source, step, f", {len(tiled)} LoRA leaves copied into each of {ours_k} domains"
            if tiled else "", _shown(kept) or "none")

@@ -2,7 +2,7 @@ r"""Pretraining a backbone from random initialisation on the synthetic face worl
 
   python -m adaptface_jax.main --config configs/pretrain.py:dino --workdir workdirs/pretrain_dino
   python -m adaptface_jax.main --config configs/pretrain.py:clip --workdir workdirs/pretrain_clip
-  python -m adaptface_jax.export --workdir workdirs/pretrain_dino --out synthetic_backbones/dinov2_192x6
+  python -m adaptface_jax.export --workdir workdirs/pretrain_dino --out synthetic_backbones/dinov2_192x6 --overwrite
 
 The argument picks the family: `dino` (DINOv2: patch 14, LayerScale, CLS token, interpolated position
 embeddings, exact GELU) or `clip` (CLIP: patch 16, pre-LayerNorm, quick-GELU), each 192 wide with 6 blocks

@@ -108,7 +108,7 @@ def main():
       "wall time, evaluations included." + (f" {args.note}" if args.note else ""),
       f"- Reproduce: `python -m adaptface_jax.main --config configs/pretrain.py:{arg} "
       f"--workdir workdirs/pretrain_{arg}` then `python -m adaptface_jax.export --workdir workdirs/pretrain_{arg} "
-      f"--out {snapshot}` and "
+      f"--out {snapshot} --overwrite` and "
       f"`python launch/pretrain_card.py --workdir workdirs/pretrain_{arg} --snapshot {snapshot}`.",
       "",
       f"model.safetensors sha256: {sha256}",

@@ -165,3 +165,124 @@ def test_bad_input_gives_one_message_naming_it_and_writes_nothing(tmp_path, name
 def test_debug_shows_the_traceback(tmp_path):
   out = run_module("evaluate", (f"--embeddings={_npz(tmp_path / 'empty.npz')}", "--debug"), tmp_path)
   assert out.returncode != 0 and "Traceback" in out.stderr and str(tmp_path / "empty.npz") in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IJB release folders given to `evaluate --ijb`: two cases end to end; the reader's other refusals (symlinks,
+# landmarks, conflicting templates, oversized ids, unparseable lines) are tested in-process in tests/test_ijb.py.
+
+IJB_CASES = {"IJB image name outside loose_crop/": ("../../../x.jpg", "0.9"),
+             "IJB NaN detector score": ("1.jpg", "nan")}
+
+
+def _ijb_release(tmp, name, score):
+  """A release of three 112 px crops (templates 1, 1, 2) whose second 5-point line is `name ... score`."""
+  from PIL import Image
+
+  from adaptface_jax import ijb
+  root = tmp / "IJBC"
+  (root / "loose_crop").mkdir(parents=True)
+  (root / "meta").mkdir()
+  points = " ".join(map(str, ijb.ARCFACE_TEMPLATE.ravel()))
+  names = ["0.jpg", name, "2.jpg"]
+  for index in range(3):
+    Image.new("RGB", (112, 112)).save(root / "loose_crop" / f"{index}.jpg")
+  (root / "meta" / "ijbc_name_5pts_score.txt").write_text(
+      "".join(f"{n} {points} {s}\n" for n, s in zip(names, ["0.9", score, "0.9"])))
+  (root / "meta" / "ijbc_face_tid_mid.txt").write_text("".join(f"{n} {t} {t}\n" for n, t in zip(names, (1, 1, 2))))
+  (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 1 1\n1 2 0\n")
+  return root
+
+
+@pytest.mark.parametrize("name", IJB_CASES)
+def test_evaluate_ijb_refuses_a_hostile_release(tmp_path, name):
+  root = _ijb_release(tmp_path, *IJB_CASES[name])
+  out = run_module("evaluate", ("--config=configs/lora_dino.py:tiny", "--config.model.image_size=56",
+                                f"--ijb={root}", f"--out_dir={tmp_path / 'out'}"), tmp_path)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  message = out.stderr[out.stderr.rfind("error:"):]
+  assert "\n\n" not in message.strip(), message
+  assert f"{root / 'meta' / 'ijbc_name_5pts_score.txt'}:2" in message, message
+  assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Hostile inputs to identify and export (issue 24, items 6-9), on a copy of a finished run. The other cases of these
+# items, and item 10, run in this process: tests/test_hostile_inputs.py.
+
+
+def _files(folder: Path) -> dict:
+  return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _face_folders(tmp: Path) -> tuple[Path, Path]:
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for folder in (tmp / "gallery" / "ann", tmp / "gallery" / "bob", tmp / "probe"):
+    folder.mkdir(parents=True)
+    for name in ("0.png", "1.png"):
+      Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(folder / name)
+  return tmp / "gallery", tmp / "probe"
+
+
+@pytest.fixture
+def run_copy(tmp_path, finished_run):
+  import shutil
+  shutil.copytree(finished_run[0], tmp_path / "run")
+  return tmp_path / "run"
+
+
+def _refused(out, names):
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  message = out.stderr[out.stderr.rfind("error:"):]
+  assert message and "\n\n" not in message.strip(), out.stderr[-3000:]
+  for expected in names:
+    assert expected in message, (expected, message)
+
+
+def test_identify_refuses_to_write_over_the_runs_config(tmp_path, run_copy):
+  gallery, probe = _face_folders(tmp_path)
+  before = _files(run_copy)
+  out = run_module("identify", (f"--workdir={run_copy}", f"--gallery={gallery}", f"--probe={probe}",
+                                f"--out={run_copy / 'config.json'}"), tmp_path)
+  _refused(out, (f"--out={run_copy / 'config.json'}", "belongs to the training run"))
+  assert _files(run_copy) == before
+
+
+def test_export_refuses_an_out_onto_the_run(tmp_path, run_copy):
+  before = _files(run_copy)
+  out = run_module("export", (f"--workdir={run_copy}", f"--out={run_copy}", "--overwrite"), tmp_path)
+  _refused(out, (f"--out={run_copy}", "is the training workdir"))
+  assert _files(run_copy) == before
+
+
+def test_identify_refuses_a_decompression_bomb_in_the_gallery(tmp_path, run_copy):
+  from test_hostile_inputs import png_header
+  gallery, probe = _face_folders(tmp_path)
+  (gallery / "bob" / "bomb.png").write_bytes(png_header(30000, 30000))
+  before = _files(run_copy)
+  out = run_module("identify", (f"--workdir={run_copy}", f"--gallery={gallery}", f"--probe={probe}",
+                                f"--out={tmp_path / 'out' / 'probes.csv'}"), tmp_path)
+  _refused(out, (str(gallery / "bob" / "bomb.png"), "900,000,000 pixels", "40-Mpixel bound"))
+  assert _files(run_copy) == before and not (tmp_path / "out").exists()
+
+
+def test_identify_rebuilds_a_truncated_gallery_cache(tmp_path, run_copy):
+  from adaptface_jax import identify
+  gallery, probe = _face_folders(tmp_path)
+  faces = identify._images(gallery, labelled_only=True)
+  # the key of the run's last checkpoint, step 4 (conftest.finished_run)
+  key = identify._gallery_key(run_copy, 4, [path for path, _ in faces], [name for _, name in faces])
+  cache = run_copy / "identify" / "cache" / f"{key}.npz"
+  cache.parent.mkdir(parents=True)
+  _npz(cache, embeddings=np.zeros((4, 512), np.float32))
+  cache.write_bytes(cache.read_bytes()[:300])  # a run killed while writing it
+  out = run_module("identify", (f"--workdir={run_copy}", f"--gallery={gallery}", f"--probe={probe}"), tmp_path)
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert f"{cache}: the gallery cache does not read back" in out.stderr, out.stderr[-3000:]
+  with np.load(cache) as rebuilt:
+    assert rebuilt["embeddings"].shape[0] == 4
+  assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # no temporary file left
+  assert (run_copy / "identify" / "probes.csv").read_text().count("\n") == 1 + 2

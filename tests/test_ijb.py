@@ -168,3 +168,148 @@ def test_evaluate_ijb_command_on_a_run(finished_run, synthetic_release, tmp_path
   refused = subprocess.run([sys.executable, "-m", "adaptface_jax.evaluate", f"--ijb={synthetic_release}"],
                            capture_output=True, text=True, timeout=120)
   assert refused.returncode != 0 and "--ijb evaluates a model" in refused.stderr
+
+
+# Hostile or broken release folders: `ijb.read` refuses each before anything is embedded, naming the file and line
+# (or the image). A release of four black 112 px crops, templates 1 (images 0, 1), 2 and 3.
+POINTS, TID_MID, PAIRS = "ijbc_name_5pts_score.txt", "ijbc_face_tid_mid.txt", "ijbc_template_pair_label.txt"
+
+
+@pytest.fixture
+def release(tmp_path):
+  return _write_release(tmp_path / "IJBC", [ijb.ARCFACE_TEMPLATE] * 4, [0.9, 0.8, 0.7, 0.6],
+                        [(1, 1), (1, 2), (2, 3), (3, 4)], [(1, 2, 1), (1, 3, 0), (2, 3, 0)])
+
+
+def _set_line(root, name, number, text):
+  """Replaces line `number` (1-based) of meta/`name` with `text`."""
+  path = root / "meta" / name
+  lines = path.read_text().splitlines()
+  lines[number - 1] = text
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def _points_line(name, points=ijb.ARCFACE_TEMPLATE, score=0.5):
+  return f"{name} " + " ".join(map(str, np.ravel(points))) + f" {score}"
+
+
+def _refused(root, *expected):
+  with pytest.raises(ijb.ReleaseError) as error:
+    ijb.read(root)
+  assert isinstance(error.value, ValueError)  # a user error: one `error:` paragraph from the command line
+  message = str(error.value)
+  for text in expected:
+    assert text in message, (text, message)
+  return message
+
+
+@pytest.mark.parametrize("how", ["relative", "absolute", "symlink", "in the template file"])
+def test_read_refuses_images_outside_loose_crop(release, tmp_path, how):
+  secret = tmp_path / "secret.txt"
+  secret.write_text("TOP-SECRET-CONTENT\n")
+  if how == "symlink":  # inside the release by name, outside by target: refused, the target never read
+    (release / "loose_crop" / "link.jpg").symlink_to(secret)
+    path = _set_line(release, POINTS, 2, _points_line("link.jpg"))
+    _set_line(release, TID_MID, 2, "link.jpg 1 2")
+    message = _refused(release, f"{path}:2", "link.jpg", "outside")
+    assert "TOP-SECRET" not in message
+  elif how == "in the template file":
+    path = _set_line(release, TID_MID, 3, "../../../x.jpg 2 3")
+    _refused(release, f"{path}:3", "../../../x.jpg")
+  else:
+    name = "../../../x.jpg" if how == "relative" else str(secret)
+    path = _set_line(release, POINTS, 2, _points_line(name))
+    _refused(release, f"{path}:2", name)
+
+
+def test_read_follows_symlinks_that_stay_inside_loose_crop(release, tmp_path):
+  (release / "loose_crop" / "faces").mkdir()
+  (release / "loose_crop" / "faces" / "link.jpg").symlink_to(release / "loose_crop" / "1.jpg")
+  _set_line(release, POINTS, 2, _points_line("faces/link.jpg"))
+  _set_line(release, TID_MID, 2, "faces/link.jpg 1 2")
+  # loose_crop/ itself may be a symlink (the images on another disk)
+  (release / "loose_crop").rename(tmp_path / "elsewhere")
+  (release / "loose_crop").symlink_to(tmp_path / "elsewhere")
+  assert ijb.read(release).paths[1] == release / "loose_crop" / "faces" / "link.jpg"
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-5"])
+def test_read_refuses_detector_scores_that_are_not_finite_and_non_negative(release, score):
+  path = _set_line(release, POINTS, 3, _points_line("2.jpg", score=score))
+  _refused(release, f"{path}:3", "'2.jpg'", "detector score", score)
+
+
+def test_a_template_scored_0_everywhere_is_scored_with_a_warning(release, caplog):
+  for number, name in ((1, "0.jpg"), (2, "1.jpg")):  # both images of template 1
+    _set_line(release, POINTS, number, _points_line(name, score=0))
+  with caplog.at_level("WARNING", logger="adaptface_jax.ijb"):
+    dataset = ijb.read(release)
+  assert "1 template(s) (e.g. [1])" in caplog.text
+  emb = np.random.default_rng(0).normal(size=(4, 8))
+  ids, features = ijb.template_features(ijb.image_features(emb, emb, dataset.scores, "N1D1F2"), dataset.templates,
+                                        dataset.medias)
+  np.testing.assert_array_equal(features[0], 0)  # D1: a zero feature, so its pairs score 0
+  np.testing.assert_array_equal(ijb.pair_scores(ids, features, dataset.pairs)[:2], 0)
+  for number in (3, 4):
+    _set_line(release, POINTS, number, _points_line(f"{number - 1}.jpg", score=0))
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="adaptface_jax.ijb"):
+    ijb.read(release)
+  assert "every detector score is 0" in caplog.text
+
+
+def test_read_refuses_landmarks_far_outside_the_crop(release):
+  # Up to 50 % of the crop outside is accepted (a face cut by the crop's edge) ...
+  _set_line(release, POINTS, 2, _points_line("1.jpg", ijb.ARCFACE_TEMPLATE - [60, 0]))
+  ijb.read(release)
+  # ... 5,000 px is not.
+  path = _set_line(release, POINTS, 4, _points_line("3.jpg", ijb.ARCFACE_TEMPLATE + [0, 5000]))
+  _refused(release, f"{path}:4", "'3.jpg'", "112x112 crop", "px outside")
+  path = _set_line(release, POINTS, 4, _points_line("3.jpg", ijb.ARCFACE_TEMPLATE * [1, np.nan]))
+  _refused(release, f"{path}:4", "'3.jpg'", "finite")
+
+
+def test_read_refuses_an_image_listed_in_two_templates(release):
+  path = _set_line(release, TID_MID, 4, "1.jpg 3 4")  # image 1 is in template 1 (line 2)
+  _refused(release, f"{path}:4", "line 2", "'1.jpg'", "template 3", "template 1")
+
+
+@pytest.mark.parametrize("name", [TID_MID, PAIRS])
+def test_read_refuses_an_oversized_template_id(release, name):
+  text = "3.jpg 99999999999999999999 4" if name == TID_MID else "1 99999999999999999999 0"
+  path = _set_line(release, name, 3, text)
+  _refused(release, f"{path}:3", "99999999999999999999", "out of range")
+
+
+@pytest.mark.parametrize("case", ["int", "float", "utf-8", "pair int", "alignment template", "coinciding landmarks"])
+def test_read_names_the_line_of_unparseable_text(release, case):
+  if case == "int":
+    _refused(release, f"{_set_line(release, TID_MID, 2, '1.jpg abc 2')}:2", "template id", "'abc' is not an integer")
+  elif case == "float":
+    text = _points_line("1.jpg").replace(" 0.5", " abc")
+    _refused(release, f"{_set_line(release, POINTS, 2, text)}:2", "detector score", "'abc' is not a number")
+  elif case == "utf-8":  # a gzipped meta file
+    import gzip
+    path = release / "meta" / POINTS
+    path.write_bytes(gzip.compress(path.read_bytes()))
+    _refused(release, f"{path}:1", "not UTF-8", "gzip")
+  elif case == "pair int":
+    _refused(release, f"{_set_line(release, PAIRS, 2, '1 3 x')}:2", "label", "'x' is not an integer")
+  elif case == "alignment template":
+    path = release / "meta" / ijb.TEMPLATE_FILE
+    path.write_text("38.3 51.7\n7e.3 51.5\n56.0 71.7\n41.5 92.4\n70.7 92.2\n")
+    _refused(release, f"{path}:2", "'7e.3' is not a number")
+  else:
+    path = _set_line(release, POINTS, 3, _points_line("2.jpg", np.full((5, 2), 40.0)))
+    _refused(release, f"{path}:3", "'2.jpg'", "coincide")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_an_alignment_failure_names_the_image(release):
+  dataset = ijb.read(release)
+  dataset.landmarks[2] = np.nan  # past the reader's checks: the similarity's SVD does not converge
+  with pytest.raises(ValueError) as error:
+    ijb.embed(dataset, ijb.pixel_embeddings)
+  message = str(error.value)
+  assert str(release / "loose_crop" / "2.jpg") in message and f"{dataset.points_file}:3" in message, message

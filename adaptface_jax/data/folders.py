@@ -7,14 +7,12 @@ identity-name order.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from adaptface_jax.data import binfile, recordio
 
@@ -81,15 +79,18 @@ def select_identities(identities: dict[str, list[Path]], num_identities: int | N
 def _checked_image_bytes(path: Path, image_format: str) -> bytes | np.ndarray:
   """The file's bytes when they already are an RGB image in the wanted format, else the decoded RGB pixels.
 
-  Every file is fully decoded so that a corrupt source image fails here, naming the file.
+  Every file is fully decoded so that a corrupt source image fails here, naming the file; one over
+  recordio.MAX_IMAGE_PIXELS is refused from its header, undecoded.
   """
   data = path.read_bytes()
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    with recordio.open_image(data) as image:
       image.load()
       if image.format == _PIL_FORMAT_BY_OPTION[image_format] and image.mode == "RGB":
         return data
       return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  except recordio.ImageTooLarge as error:
+    raise recordio.ImageTooLarge(f"{path}: {error}") from None
   except Exception as error:  # PIL raises several types for corrupt data
     raise ValueError(f"{path}: not a readable image: {error}") from error
 
@@ -138,9 +139,11 @@ def pairs_to_bin(pairs_file: str | os.PathLike, root: str | os.PathLike, out_pat
         raise FileNotFoundError(f"{pairs_file}:{line_number}: {path} does not exist")
       data = path.read_bytes()
       try:
-        with Image.open(io.BytesIO(data)) as image:
+        with recordio.open_image(data) as image:
           image.load()
           image_format = image.format
+      except recordio.ImageTooLarge as error:
+        raise recordio.ImageTooLarge(f"{pairs_file}:{line_number}: {path}: {error}") from None
       except Exception as error:  # PIL raises several types for corrupt data
         raise ValueError(f"{pairs_file}:{line_number}: {path} is not a readable image: {error}") from error
       if image_format not in ("JPEG", "PNG"):

@@ -11,16 +11,24 @@ header record (flag > 0, labels `[N+1, N+K+1]`), hold the N images at keys 1..N 
 record per identity with its key range `[start, end)`. Files made by `im2rec` have no header record.
 
 Labels are stored as float32, so integer labels above 2**24 cannot be represented exactly.
+
+Every image the project decodes goes through `open_image` (here, in `decode_image` and `image_size_of`, and in the
+folder and TFDS converters): its size is read from the header first, and an image over MAX_IMAGE_PIXELS is refused
+(ImageTooLarge, a ValueError naming it) before any pixel is decoded, so a decompression bomb (a small PNG of
+30000x30000 pixels) costs nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import numbers
 import os
+import re
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -41,9 +49,20 @@ _MAX_EXACT_FLOAT32_INT = 1 << 24
 
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
 
+# The largest image decoded, in pixels: 40 Mpixel (a 36-Mpixel camera photo of 7360x4912 passes, 120 MB as RGB). The
+# faces are 112x112 crops and IJB's photos far smaller; anything above is refused from its header.
+MAX_IMAGE_PIXELS = 40_000_000
+# PIL warns from 89 Mpixel on and refuses from 179 Mpixel on, in Image.open: open_image refuses all of these itself,
+# naming the file, so PIL's warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 class RecordIOError(ValueError):
   """A malformed RecordIO file: the message names the file and the byte offset."""
+
+
+class ImageTooLarge(ValueError):
+  """An image over MAX_IMAGE_PIXELS, refused from its header before it is decoded."""
 
 
 class IRHeader(NamedTuple):
@@ -348,16 +367,58 @@ def encode_image(image: np.ndarray, image_format: str = "jpg", quality: int = 95
   return buffer.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> uint8 HxWx3 RGB. Raises the PIL error (OSError / UnidentifiedImageError) if corrupt."""
-  with Image.open(io.BytesIO(data)) as image:
-    image.load()
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+def _too_large(name, pixels: int, size: str = "") -> ImageTooLarge:
+  where = f"{name}: " if name is not None else ""
+  return ImageTooLarge(f"{where}{size or 'image'} of {pixels:,} pixels ({pixels / 1e6:.0f} Mpixel) is over the "
+                       f"{MAX_IMAGE_PIXELS / 1e6:.0f}-Mpixel bound on decoded images; refused from its header, "
+                       "undecoded (a decompression bomb, or a photo to shrink first)")
 
 
-def image_size_of(data: bytes) -> tuple[int, int]:
-  """(height, width) from the encoded image's header, without decoding the pixels."""
-  with Image.open(io.BytesIO(data)) as image:
+def _unreadable(name, error: Exception) -> ValueError:
+  reason = ("not an image file PIL can read (JPEG, PNG, ...)" if isinstance(error, Image.UnidentifiedImageError)
+            else str(error) or type(error).__name__)
+  return ValueError(f"{name}: not a readable image: {reason}")
+
+
+@contextlib.contextmanager
+def open_image(source: bytes | str | os.PathLike, name=None) -> Iterator[Image.Image]:
+  """The PIL image of `source` (encoded bytes, or a file's path), opened lazily: its size comes from the header and
+  is checked against MAX_IMAGE_PIXELS before any pixel is decoded (decode it inside the `with` block). Too large:
+  ImageTooLarge. Unreadable header: PIL's error, or with `name` (the file, for messages) a ValueError naming it."""
+  try:
+    image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+  except Image.DecompressionBombError as error:  # PIL's own bound, above ours: only its message has the size
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    raise _too_large(name, int(found.group(1)) if found else 2 * Image.MAX_IMAGE_PIXELS) from None
+  except Exception as error:  # PIL raises several types for unreadable data
+    if name is None:
+      raise
+    raise _unreadable(name, error) from error
+  with image:
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+      raise _too_large(name, width * height, f"{width}x{height} image")
+    yield image
+
+
+def decode_image(data: bytes, name: str | os.PathLike | None = None) -> np.ndarray:
+  """Encoded image bytes -> uint8 HxWx3 RGB. An image over MAX_IMAGE_PIXELS raises ImageTooLarge (a ValueError)
+  from its header, undecoded. A corrupt one raises PIL's error (OSError / UnidentifiedImageError), or with `name`
+  (the file, for messages) a ValueError naming it."""
+  with open_image(data, name) as image:
+    try:
+      image.load()
+      return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Exception as error:  # PIL raises several types for corrupt data
+      if name is None:
+        raise
+      raise _unreadable(name, error) from error
+
+
+def image_size_of(data: bytes, name: str | os.PathLike | None = None) -> tuple[int, int]:
+  """(height, width) from the encoded image's header, without decoding the pixels; refused as decode_image would
+  refuse it (ImageTooLarge, or the header's error)."""
+  with open_image(data, name) as image:
     width, height = image.size
   return height, width
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import os
 import re
@@ -31,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from adaptface_jax.data import common, recordio
 
@@ -86,9 +84,11 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def _check_image(image_bytes: bytes, where: str) -> None:
   """A full decode: a truncated or corrupt image fails here, named, rather than as a TensorFlow error mid-training."""
   try:
-    with Image.open(io.BytesIO(image_bytes)) as image:
+    with recordio.open_image(image_bytes) as image:  # one over recordio.MAX_IMAGE_PIXELS: refused undecoded
       width, height = image.size
       image.load()
+  except recordio.ImageTooLarge as error:
+    raise recordio.ImageTooLarge(f"{where}: {error}") from None
   except Exception as error:  # PIL raises several types for unreadable data
     raise ValueError(f"{where}: not a readable JPEG/PNG image ({type(error).__name__}: {error}); remove or "
                      "replace it and prepare the data again") from None
