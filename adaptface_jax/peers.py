@@ -8,9 +8,12 @@ that reports it stopped on an error) ends every other process within about that 
 process was lost and at which step, the last complete checkpoint, and the command that resumes from it.
 
 `watching()` wraps the work of a joined process: on success it tells the peers it is leaving and leaves with
-them; on an error it tells them so and waits, for an error of the runtime (what a lost peer causes), up to the
-bound for the thread to name the lost peer. A process that ends on an error exits without JAX's exit handler,
-which would wait at a shutdown barrier for the lost peer.
+them; on an error (which a lost peer may have caused: a failed collective) it tells them so and waits up to the
+bound for the thread to name a lost peer, or until every peer has stopped too. A process that ends on an error exits
+without JAX's exit handler, which would wait at a shutdown barrier for the lost peer.
+
+Losing process 0 is the exception: it hosts the coordination service, and JAX's client in the other processes
+aborts them at once with its own message (jaxlib offers no callback that Python can take in its place).
 """
 
 from __future__ import annotations
@@ -18,15 +21,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import logging
 import os
 import shlex
 import sys
 import threading
 import time
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30
 _KEY = "adaptface/peer/{}"
@@ -57,7 +57,8 @@ def join(coordinator_address: str | None, num_processes: int | None, process_id:
   # JAX's own detection of a silent peer aborts the process with a C++ stack dump: it must come well after ours.
   runtime.use_processes(coordinator_address, num_processes, process_id, batch_size,
                         heartbeat_timeout_s=max(100, int(3 * timeout_s)))
-  _watch = _Watch(distributed.global_state.client, jax.process_index(), jax.process_count(), timeout_s)
+  client = distributed.global_state.client  # the coordination service's client (JAX has no public accessor)
+  _watch = _Watch(client, jax.process_index(), jax.process_count(), timeout_s)
   _watch.start()
   atexit.register(_exit_without_jax_handlers)  # runs before JAX's handler (registered earlier, at import)
 
