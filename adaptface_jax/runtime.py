@@ -3,22 +3,18 @@ XLA device per core.
 
 XLA:CPU allocates the temporary buffers of every step afresh (gigabytes for a ViT train step). glibc's malloc
 serves blocks above 32 MB with mmap and unmaps them when freed, so each step page-faults all of that memory in
-again: 1.5 million page faults and 2-7 s of kernel time per ViT-S/14 224 px step on a 2-core machine. tcmalloc
-keeps the memory, and the same step ran 2x faster (launch/benchmark.py, ours vs the PyTorch reference, both
-under the same allocator). The entry points call `use_tcmalloc()` first; it re-executes the command once with
-the library preloaded. ADAPTFACE_TCMALLOC=0 keeps the system allocator.
+again; tcmalloc keeps the memory (`python launch/benchmark.py` measures the difference). The entry points call
+`use_tcmalloc()` first; it re-executes the command once with the library preloaded. ADAPTFACE_TCMALLOC=0 keeps
+the system allocator.
 
 On CPU the entry points also call `use_cpu_devices()` before JAX's first computation: XLA presents each core as a
-device and the train step and embedding extraction shard the batch over them, as over GPUs. One XLA:CPU program
-spreads small operations poorly over the cores: the batched attention matmul [32 x 6] x [257, 64] x [64, 257]
-runs at 89-92 GFLOP/s on one device of a 2-core machine and at 153-162 over two devices. DINOv2 ViT-S/14 LoRA
-train step, 112 px batch 64, same machine: 30-35 img/s on one device, 37-41 on two. At most 8 devices by default
-(each holds its own copy of the weights); ADAPTFACE_CPU_DEVICES=N sets the count (1: a single device).
+device and the train step and embedding extraction shard the batch over them, as over GPUs, because one XLA:CPU
+program spreads small operations (the batched attention matmuls) poorly over the cores. At most 8 devices by
+default (each holds its own copy of the weights); ADAPTFACE_CPU_DEVICES=N sets the count (1: a single device).
 
 A multi-process run (several hosts, or several processes on one host) joins through `use_processes()`: each
 process then presents its own CPU devices, and XLA:CPU runs the collectives between processes over gloo (the
-default of jax_cpu_collectives_implementation: nothing to set).
-"""
+default of jax_cpu_collectives_implementation: nothing to set)."""
 
 from __future__ import annotations
 
