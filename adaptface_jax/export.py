@@ -76,24 +76,6 @@ def merge_lora(backbone_params: dict, lora: dict, scale: float) -> dict:
   return trainable_rules.unflatten(flat)
 
 
-def _hf_config(vit_config) -> dict:
-  from transformers import CLIPVisionConfig, Dinov2Config
-  c = vit_config
-  if c.family == "dinov2":
-    config = Dinov2Config(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                          mlp_ratio=c.mlp_dim // c.hidden_size, patch_size=c.patch_size,
-                          image_size=c.pretrain_image_size, layer_norm_eps=c.layer_norm_eps,
-                          layerscale_value=c.layerscale_init, qkv_bias=c.qkv_bias, hidden_act=c.activation)
-    arch = "Dinov2Model"
-  else:
-    config = CLIPVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.mlp_dim, num_hidden_layers=c.num_layers,
-                              num_attention_heads=c.num_heads, patch_size=c.patch_size,
-                              image_size=c.pretrain_image_size, layer_norm_eps=c.layer_norm_eps,
-                              hidden_act=c.activation, projection_dim=c.projection_dim or 512)
-    arch = "CLIPVisionModelWithProjection" if c.projection_dim else "CLIPVisionModel"
-  return dict(config.to_dict(), architectures=[arch])
-
-
 def check_hf_out(workdir: str, out: str, *, overwrite: bool = False) -> Path:
   """The --out folder of an hf export, refused (ValueError naming it) when it is a training workdir or one of its
   own files, a file, or a folder that already holds files without `overwrite`."""
@@ -131,7 +113,7 @@ def export_run(workdir: str, out: str, step: int | None = None, *, overwrite: bo
   merged = merge_lora(variables["params"]["backbone"], variables.get("lora", {}).get("backbone", {}),
                       model.spec.scale if model.spec else 1.0)
   tensors("model.safetensors", hf_weights.to_hf_tensors(merged, model.vit), format="pt")
-  write("config.json", json.dumps(_hf_config(model.vit), indent=2))
+  write("config.json", json.dumps(hf_weights.hf_config(model.vit), indent=2))
   if model.embedding_dim:  # a run without a head (pretraining) exports all it trained
     write("adaptface_head.json", json.dumps({"step": meta["step"], "note": (
         "merged backbone only; the embedding head (params/head) is not part of the HuggingFace model")}))

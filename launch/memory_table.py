@@ -29,7 +29,6 @@ import jax.numpy as jnp
 
 from adaptface_jax import optim, sharding, train, trainable_rules
 from adaptface_jax.models import face_model, hf_weights
-from adaptface_jax.models.vit import ViTConfig
 from adaptface_jax.run_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ DATASETS = {"CASIA-WebFace": 10_572, "MS1MV2": 85_742, "WebFace4M": 205_990, "We
 
 def abstract_setup(config, num_classes: int, steps: int = 1000):
   """run_state.setup's (model, state, frozen, tx, schedule) as shapes only: no weight is read or allocated."""
-  vit = ViTConfig.from_hf(hf_weights.read_architecture(config.model.backbone, random_init=True)[0])
+  vit = hf_weights.vit_config(hf_weights.read_architecture(config.model.backbone, random_init=True)[0])
   model = face_model.create_model(config, vit)
   variables = jax.eval_shape(lambda key: face_model.init_variables(model, key, num_classes), jax.random.PRNGKey(0))
   trainable, frozen = trainable_rules.split(variables, config.trainable)

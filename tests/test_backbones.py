@@ -12,9 +12,9 @@ from conftest import random_images
 from safetensors.numpy import load_file, save_file
 
 from adaptface_jax import load_backbone
-from adaptface_jax.models import vit
+from adaptface_jax.models import hf_weights, vit
 from adaptface_jax.models.hf_weights import BackboneUnavailableError, CheckpointError
-from adaptface_jax.models.vit import ViTConfig, bicubic_matrix
+from adaptface_jax.models.vit import bicubic_matrix
 
 TOL = 1e-4
 
@@ -132,17 +132,17 @@ def test_random_init_is_explicit():
 
 
 def test_architecture_comes_from_config_json():
-  config = ViTConfig.from_hf(dict(model_type="dinov2", hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+  config = hf_weights.vit_config(dict(model_type="dinov2", hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
                                   patch_size=7, image_size=70, layerscale_value=0.1, layer_norm_eps=1e-5))
   assert (config.hidden_size, config.num_layers, config.num_heads, config.patch_size, config.pos_grid,
           config.layerscale_init, config.layer_norm_eps, config.mlp_dim) == (48, 3, 3, 7, 10, 0.1, 1e-5, 192)
 
 
-@pytest.mark.parametrize("model_type", sorted(vit.HF_DEFAULTS))
+@pytest.mark.parametrize("model_type", sorted(hf_weights.HF_DEFAULTS))
 def test_config_defaults_are_transformers_own(model_type):
   from transformers import CONFIG_MAPPING
   defaults = CONFIG_MAPPING[model_type]().to_dict()
-  assert {key: defaults[key] for key in vit.HF_DEFAULTS[model_type]} == vit.HF_DEFAULTS[model_type]
+  assert {key: defaults[key] for key in hf_weights.HF_DEFAULTS[model_type]} == hf_weights.HF_DEFAULTS[model_type]
 
 
 def test_a_sparse_config_json_reads_as_transformers_reads_it(tmp_path):
@@ -153,7 +153,7 @@ def test_a_sparse_config_json_reads_as_transformers_reads_it(tmp_path):
              dict(model_type="clip_vision_model", hidden_act="gelu")):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     full = AutoConfig.from_pretrained(tmp_path).to_dict()
-    assert ViTConfig.from_hf(hf) == ViTConfig.from_hf(full), hf
+    assert hf_weights.vit_config(hf) == hf_weights.vit_config(full), hf
 
 
 @pytest.mark.parametrize("name", ["gelu", "quick_gelu"])

@@ -132,7 +132,8 @@ def create_model(config: ml_collections.ConfigDict, vit_config: ViTConfig | None
   """The FaceModel a config describes; the architecture is read without loading any weights."""
   m = config.model
   if vit_config is None:
-    vit_config = ViTConfig.from_hf(hf_weights.read_architecture(m.backbone, random_init=m.get("random_init", False))[0])
+    hf_config, _ = hf_weights.read_architecture(m.backbone, random_init=m.get("random_init", False))
+    vit_config = hf_weights.vit_config(hf_config)
   if not m.use_projection:
     vit_config = dataclasses.replace(vit_config, projection_dim=None)
   if m.dtype not in DTYPES:

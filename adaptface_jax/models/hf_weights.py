@@ -1,4 +1,5 @@
-"""HuggingFace checkpoints <-> Flax parameters of `adaptface_jax.models.vit.ViT`.
+"""HuggingFace checkpoints <-> Flax parameters of `adaptface_jax.models.vit.ViT`, and config.json <-> `ViTConfig`
+(`vit_config`, `hf_config`): the one home of what the project knows of transformers' formats.
 
 `load_backbone(source)` accepts a local snapshot directory (config.json + model.safetensors or pytorch_model.bin),
 a directory that contains one (e.g. a HF cache folder) or a hub id, resolved by `huggingface_hub.snapshot_download`:
@@ -55,6 +56,76 @@ PRESETS: dict[str, dict] = {
 # Source keys that carry nothing the vision encoder uses.
 IGNORED_KEYS = re.compile(r"^(text_model\.|text_projection\.|logit_scale$|embeddings\.mask_token$|.*position_ids$)")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# transformers' defaults (Dinov2Config, CLIPVisionConfig, CLIPConfig) of the fields `vit_config` reads: save_pretrained
+# leaves out every field at its default, so a config.json may omit them. Kept here, rather than read from
+# transformers, so that loading a backbone never imports transformers (and torch with it);
+# tests/test_backbones.py checks the table against transformers.
+HF_DEFAULTS = {
+    "dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
+                   image_size=224, layer_norm_eps=1e-6, hidden_act="gelu", layerscale_value=1.0, qkv_bias=True,
+                   use_swiglu_ffn=False),
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              patch_size=32, image_size=224, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+    "clip": dict(projection_dim=512),
+}
+
+
+
+def vit_config(hf: dict) -> ViTConfig:
+  """Architecture numbers from a HuggingFace `config.json` dict (Dinov2Model, CLIPVisionModel or CLIPModel)."""
+  model_type = hf.get("model_type")
+  projection_dim = None  # only a full CLIPModel carries visual_projection weights
+  if model_type == "clip":  # the vision tower's config is nested
+    projection_dim = hf.get("projection_dim", HF_DEFAULTS["clip"]["projection_dim"])
+    hf, model_type = dict(hf.get("vision_config") or {}), "clip_vision_model"
+  if model_type not in ("dinov2", "clip_vision_model"):
+    raise ValueError(f"unsupported model_type {model_type!r}: this port reads 'dinov2', 'clip' and "
+                     "'clip_vision_model' checkpoints")
+  hf = {**HF_DEFAULTS[model_type], **hf}
+  if model_type == "dinov2":
+    if hf["use_swiglu_ffn"]:
+      raise ValueError("DINOv2 with SwiGLU FFN (giant models) is not supported; use ViT-S/B/L checkpoints")
+    hidden = hf["hidden_size"]
+    return ViTConfig(
+        family="dinov2", hidden_size=hidden, num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        # HF DINOv2 sizes its MLP by mlp_ratio and ignores intermediate_size.
+        mlp_dim=int(hidden * hf["mlp_ratio"]), patch_size=hf["patch_size"], pretrain_image_size=hf["image_size"],
+        layer_norm_eps=hf["layer_norm_eps"], activation=_activation(hf["hidden_act"]),
+        layerscale_init=hf["layerscale_value"], qkv_bias=hf["qkv_bias"])
+  return ViTConfig(
+      family="clip", hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"], patch_size=hf["patch_size"],
+      pretrain_image_size=hf["image_size"], layer_norm_eps=hf["layer_norm_eps"],
+      activation=_activation(hf["hidden_act"]), projection_dim=projection_dim)
+
+
+
+def _activation(name: str) -> str:
+  if name not in ("gelu", "quick_gelu"):
+    raise ValueError(f"unsupported hidden_act {name!r}; supported: 'gelu' (exact) and 'quick_gelu'")
+  return name
+
+
+def hf_config(vit_config: ViTConfig) -> dict:
+  """The transformers config.json of a ViTConfig (the inverse of `vit_config`), for export."""
+  from transformers import CLIPVisionConfig, Dinov2Config
+  c = vit_config
+  if c.family == "dinov2":
+    config = Dinov2Config(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                          mlp_ratio=c.mlp_dim // c.hidden_size, patch_size=c.patch_size,
+                          image_size=c.pretrain_image_size, layer_norm_eps=c.layer_norm_eps,
+                          layerscale_value=c.layerscale_init, qkv_bias=c.qkv_bias, hidden_act=c.activation)
+    arch = "Dinov2Model"
+  else:
+    config = CLIPVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.mlp_dim, num_hidden_layers=c.num_layers,
+                              num_attention_heads=c.num_heads, patch_size=c.patch_size,
+                              image_size=c.pretrain_image_size, layer_norm_eps=c.layer_norm_eps,
+                              hidden_act=c.activation, projection_dim=c.projection_dim or 512)
+    arch = "CLIPVisionModelWithProjection" if c.projection_dim else "CLIPVisionModel"
+  return dict(config.to_dict(), architectures=[arch])
 
 
 class CheckpointError(ValueError):
@@ -281,7 +352,7 @@ def _read_config_json(snapshot: Path) -> dict:
   path = snapshot / "config.json"
   try:
     config = json.loads(path.read_text())
-    ViTConfig.from_hf(config)
+    vit_config(config)
   except (ValueError, AttributeError) as error:  # JSONDecodeError is a ValueError; a non-dict has no .get
     raise CheckpointError(f"{path}: not a usable DINOv2 / CLIP config.json: {error}") from None
   return config
@@ -352,7 +423,7 @@ def load_backbone(source: str, *, random_init: bool = False, seed: int = 0) -> B
   preset name needs no hub at all); it is never chosen implicitly.
   """
   if random_init:
-    config = ViTConfig.from_hf(read_architecture(source, random_init=True)[0])
+    config = vit_config(read_architecture(source, random_init=True)[0])
     return Backbone(config, init_params(config, seed), f"random-init:{source}")
   snapshot = _local_snapshot(source)
   if snapshot is None:
@@ -363,7 +434,7 @@ def load_backbone(source: str, *, random_init: bool = False, seed: int = 0) -> B
                        "or ask for random_init=True explicitly")
     else:
       raise _unknown_source(source)
-  config = ViTConfig.from_hf(_read_config_json(snapshot))
+  config = vit_config(_read_config_json(snapshot))
   tensors = _read_weights(snapshot)
   if config.family == "clip" and config.projection_dim and "visual_projection.weight" not in tensors:
     config = dataclasses.replace(config, projection_dim=None)

@@ -1,7 +1,7 @@
 """Flax ports of the DINOv2 and CLIP vision transformers, numerically faithful to HuggingFace transformers.
 
 One module serves both families; the differences (LayerScale, pre-norm, activation, final norm, pooling) are
-fields of `ViTConfig`, which is read from the checkpoint's own `config.json` (see `ViTConfig.from_hf`).
+fields of `ViTConfig`, which hf_weights.vit_config reads from the checkpoint's own `config.json`.
 q, k and v are one fused `qkv` Dense (one matmul); the loader fuses HF's separate projections.
 """
 
@@ -45,55 +45,6 @@ class ViTConfig:
   @property
   def pos_grid(self) -> int:
     return self.pretrain_image_size // self.patch_size
-
-  @classmethod
-  def from_hf(cls, hf: dict) -> "ViTConfig":
-    """Architecture numbers from a HuggingFace `config.json` dict (Dinov2Model, CLIPVisionModel or CLIPModel)."""
-    model_type = hf.get("model_type")
-    projection_dim = None  # only a full CLIPModel carries visual_projection weights
-    if model_type == "clip":  # the vision tower's config is nested
-      projection_dim = hf.get("projection_dim", HF_DEFAULTS["clip"]["projection_dim"])
-      hf, model_type = dict(hf.get("vision_config") or {}), "clip_vision_model"
-    if model_type not in ("dinov2", "clip_vision_model"):
-      raise ValueError(f"unsupported model_type {model_type!r}: this port reads 'dinov2', 'clip' and "
-                       "'clip_vision_model' checkpoints")
-    hf = {**HF_DEFAULTS[model_type], **hf}
-    if model_type == "dinov2":
-      if hf["use_swiglu_ffn"]:
-        raise ValueError("DINOv2 with SwiGLU FFN (giant models) is not supported; use ViT-S/B/L checkpoints")
-      hidden = hf["hidden_size"]
-      return cls(
-          family="dinov2", hidden_size=hidden, num_layers=hf["num_hidden_layers"],
-          num_heads=hf["num_attention_heads"],
-          # HF DINOv2 sizes its MLP by mlp_ratio and ignores intermediate_size.
-          mlp_dim=int(hidden * hf["mlp_ratio"]), patch_size=hf["patch_size"], pretrain_image_size=hf["image_size"],
-          layer_norm_eps=hf["layer_norm_eps"], activation=_activation(hf["hidden_act"]),
-          layerscale_init=hf["layerscale_value"], qkv_bias=hf["qkv_bias"])
-    return cls(
-        family="clip", hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"], patch_size=hf["patch_size"],
-        pretrain_image_size=hf["image_size"], layer_norm_eps=hf["layer_norm_eps"],
-        activation=_activation(hf["hidden_act"]), projection_dim=projection_dim)
-
-
-# transformers' defaults (Dinov2Config, CLIPVisionConfig, CLIPConfig) of the fields read above: save_pretrained
-# leaves out every field at its default, so a config.json may omit them. Kept here, rather than read from
-# transformers, so that loading a backbone never imports transformers (and torch with it);
-# tests/test_backbones.py checks the table against transformers.
-HF_DEFAULTS = {
-    "dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
-                   image_size=224, layer_norm_eps=1e-6, hidden_act="gelu", layerscale_value=1.0, qkv_bias=True,
-                   use_swiglu_ffn=False),
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              patch_size=32, image_size=224, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
-    "clip": dict(projection_dim=512),
-}
-
-
-def _activation(name: str) -> str:
-  if name not in ("gelu", "quick_gelu"):
-    raise ValueError(f"unsupported hidden_act {name!r}; supported: 'gelu' (exact) and 'quick_gelu'")
-  return name
 
 
 def _act(name: str, x):
