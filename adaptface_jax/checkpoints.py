@@ -186,7 +186,7 @@ class Checkpoints:
     that the run can save those steps again. When none is usable, nothing is moved and the error lists them all.
     """
     damaged = []
-    for step in sorted(self._last.all_steps(), reverse=True):
+    for step in self.all_steps()[::-1]:
       try:
         restored = self.restore(state, step=step, expected_fingerprint=expected_fingerprint)
       except DamagedCheckpoint as error:

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 
@@ -52,6 +53,13 @@ def hf_snapshots(tmp_path_factory):
     model.save_pretrained(root / name)
     out[name] = (root / name, model)
   return out
+
+
+def free_port() -> int:
+  """A TCP port of 127.0.0.1 that nothing listens on now (for a coordinator of test processes)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def random_images(batch, size, seed=0):

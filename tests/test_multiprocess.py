@@ -7,7 +7,6 @@ run over two processes."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_run_args
+from conftest import free_port, tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # per phase; a tiny run takes 1-3 minutes on 2 busy cores
@@ -23,12 +22,6 @@ STEPS = 6
 EVERY = 2  # evaluations, last and best checkpoints at steps 2, 4 and 6
 PEER_TIMEOUT_S = 10
 pytestmark = pytest.mark.xdist_group("multiprocess")  # the tests share the runs of `two_process_run`
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _start(workdir, cache_dir, cpu_devices, *extra, log: Path, command=None):
@@ -45,7 +38,7 @@ def _start(workdir, cache_dir, cpu_devices, *extra, log: Path, command=None):
 
 
 def _start_processes(workdir, cache_dir, logs, command=None):
-  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  address = f"--coordinator_address=127.0.0.1:{free_port()}"
   return [_start(workdir, cache_dir, 1, "--multihost", address, "--num_processes=2", f"--process_id={index}",
                  f"--peer_timeout={PEER_TIMEOUT_S}", log=log, command=command) for index, log in enumerate(logs)]
 

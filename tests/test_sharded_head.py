@@ -9,13 +9,13 @@ JAX already); each prints one JSON line of measurements, asserted here.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COSFACE = dict(scale=64.0, m1=1.0, m2=0.0, m3=0.35)
@@ -187,9 +187,7 @@ def test_sharded_head_step_holds_a_fraction_of_the_replicated_memory(eight):
 
 
 def test_two_processes_shard_the_head_over_all_their_devices():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   procs = [_run("one_of_two_processes", index, port, devices=2) for index in range(2)]
   results = [_result(proc) for proc in procs]
   for result in results:
